@@ -1,0 +1,2 @@
+"""visearch: instance-level visual search."""
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Describers: one module per model family (see registry.py for names)."""

@@ -1,0 +1,74 @@
+"""The describer protocol every model implements.
+
+Images travel through the library as RGB uint8 numpy arrays `[H, W, 3]` (see images.load_rgb); each model does its
+own colour order, normalisation and resizing so that it matches its reference implementation exactly.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import numpy as np
+
+ImageInput = Union[str, Path, "PIL.Image.Image", np.ndarray]  # noqa: F821
+
+
+@dataclass(frozen=True)
+class LocalField:
+    """One per-image array of local features as stored: fixed shape per image (e.g. (700, 16)) and dtype."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclass
+class Features:
+    """Output of one extraction batch: global `[N, D]` float32 (L2-normalised) and optional local fields,
+    each `[N, *LocalField.shape]`."""
+
+    global_: np.ndarray
+    local: dict[str, np.ndarray] | None = None
+
+
+@dataclass
+class Describer:
+    """Base class. Subclasses set `name`, `dim`, `config` and implement `extract`.
+
+    `config` is the resolved model configuration (recorded in the store; a store built with another config is refused).
+    `weights_sha256` identifies the weights (recorded in the store).
+    `local_fields` is empty for global-only models.
+    """
+
+    name: str
+    dim: int
+    config: dict[str, Any]
+    device: Any = None
+    weights_sha256: str | None = None
+    local_fields: dict[str, LocalField] = field(default_factory=dict)
+
+    def extract(self, images: Sequence[np.ndarray]) -> Features:
+        """Describe a batch of RGB uint8 arrays. Must be implemented by every model."""
+        raise NotImplementedError
+
+    def describe(self, images: Sequence[ImageInput]) -> np.ndarray:
+        """L2-normalised float32 global descriptors `[N, D]` for file paths, PIL images or RGB uint8 arrays."""
+        from ..images import load_rgb
+
+        arrays = [load_rgb(im) for im in images]
+        if not arrays:
+            return np.zeros((0, self.dim), np.float32)
+        return self.extract(arrays).global_
+
+    @property
+    def has_local(self) -> bool:
+        return bool(self.local_fields)
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,68 @@
+"""Explicit registries: name -> factory, imported lazily so the CLI starts without torch."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import default_weights_dir, load_model_config, model_names
+from .errors import UsageError
+
+# model family -> "module:function"; the function is build(config, weights, weights_dir, device) -> Describer
+MODEL_FAMILIES = {
+    "lite": "visearch.models.lite:build",
+    "superglobal": "visearch.models.superglobal:build",
+    "ames": "visearch.models.ames:build",
+}
+
+# reranker name -> "module:function"; build(config, weights_dir, device) -> Reranker
+RERANKERS = {
+    "superglobal": "visearch.rerankers.superglobal:build",
+    "ames": "visearch.rerankers.ames:build",
+}
+
+# detector name -> "module:function"; build(**options) -> Detector
+DETECTORS = {
+    "gdino": "visearch.detectors.grounding_dino:build",
+    "gdino-cloud": "visearch.detectors.dds_cloud:build",
+    "tiles": "visearch.detectors.tiles:build_tiles",
+    "none": "visearch.detectors.tiles:build_none",
+}
+
+
+def _resolve(table: dict[str, str], kind: str, name: str) -> Callable[..., Any]:
+    if name not in table:
+        raise UsageError(f"unknown {kind} {name!r}", f"known: {', '.join(sorted(table))}")
+    module, func = table[name].split(":")
+    return getattr(importlib.import_module(module), func)
+
+
+def available(kind: str) -> list[str]:
+    return {"models": model_names(), "rerankers": sorted(RERANKERS), "detectors": sorted(DETECTORS)}[kind]
+
+
+def load_model(name: str, weights: str | Path | None = None, weights_dir: str | Path | None = None,
+               device: str = "auto", overrides: dict[str, Any] | None = None):
+    """Build describer `name` (see `available("models")`). `weights` is a specific checkpoint file (else the
+    default file name in `weights_dir`). Returns a Describer whose `describe(images)` gives `[N, D]` float32."""
+    from .device import resolve_device
+
+    config = load_model_config(name, overrides)
+    build = _resolve(MODEL_FAMILIES, "model family", config["family"])
+    wdir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
+    return build(config, Path(weights) if weights else None, wdir, resolve_device(device))
+
+
+def load_reranker(config: dict[str, Any], weights_dir: str | Path | None = None, device: str = "auto"):
+    """The reranker named in config["rerank"]["name"], or None when it is "none" or absent."""
+    from .device import resolve_device
+
+    name = config.get("rerank", {}).get("name", "none")
+    if name == "none":
+        return None
+    wdir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
+    return _resolve(RERANKERS, "reranker", name)(config, wdir, resolve_device(device))
+
+
+def load_detector(name: str, **options: Any):
+    return _resolve(DETECTORS, "detector", name)(**options)

@@ -1,0 +1,1 @@
+"""Rerankers: reorder a global shortlist (SuperGlobal refinement, AMES transformer)."""

@@ -1,0 +1,30 @@
+"""The reranker protocol."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass
+class Shortlist:
+    """Global-search candidates for `nq` queries: store row indices and cosine similarities `[nq, M]`, best first."""
+
+    rows: np.ndarray
+    sims: np.ndarray
+
+
+class Reranker:
+    """Subclasses set `name` and `shortlist_size` (how many global candidates they need, e.g. 400 or 100)."""
+
+    name: str = "none"
+    shortlist_size: int = 100
+
+    def rerank(self, query_global: np.ndarray, query_local: dict[str, np.ndarray] | None,
+               shortlist: Shortlist, store: Any) -> Shortlist:
+        """Return the shortlist reordered (rows best first) with the scores that ordered it.
+
+        query_global `[nq, D]` float32; query_local: the model's local fields for the queries (`[nq, ...]`) or None;
+        store: an open visearch.store.Store (read_global(rows), read_local(rows))."""
+        raise NotImplementedError
