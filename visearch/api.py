@@ -1,0 +1,415 @@
+"""The typed library API behind every command. The CLI only parses arguments, calls these and renders results."""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .config import default_data_dir, default_weights_dir, load_model_config
+from .errors import DatasetError, ImageError, StoreError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+def _data_dir(data_dir: str | Path | None) -> Path:
+    return Path(data_dir) if data_dir is not None else default_data_dir()
+
+
+def _weights_dir(weights_dir: str | Path | None) -> Path:
+    return Path(weights_dir) if weights_dir is not None else default_weights_dir()
+
+
+def store_identity(describer) -> dict[str, Any]:
+    """What must match between a store and the model that reads it: family and describe settings (search and rerank
+    settings may change at query time without re-extracting)."""
+    cfg = describer.config
+    return {"family": cfg.get("family"), "describe": cfg.get("describe", {}), "store": cfg.get("store", {})}
+
+
+# ---- convert --------------------------------------------------------------------------------------------------------
+def convert(source: str | Path, name: str, data_dir: str | Path | None = None,
+            ground_truth: str | Path | None = None, quiet: bool = True):
+    """Folder of images (or a revisitop dataset folder) -> `<data_dir>/<name>` in revisitop layout."""
+    from . import dataset, progress
+
+    with progress.task(f"convert {name}", None, quiet) as advance:
+        return dataset.convert(source, _data_dir(data_dir), name, ground_truth=ground_truth, progress=advance)
+
+
+# ---- extract --------------------------------------------------------------------------------------------------------
+@dataclass
+class ExtractReport:
+    dataset: str
+    model: str
+    store: Path
+    added: int = 0
+    removed: int = 0
+    updated: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    total: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_s(self) -> float:
+        return (self.added + self.updated) / self.seconds if self.seconds > 0 else 0.0
+
+
+def _fingerprint(path: Path) -> str:
+    """Cheap change detector for a dataset image: convert rewrites a changed source, so size and mtime change."""
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def plan_batches(keys: Sequence[tuple[int, int, str]], batch_size: int) -> list[list[str]]:
+    """Group ids of equal (height, width) into batches, in a deterministic order (sorted by size, then id).
+
+    Deterministic so that a resumed run (whose done batches are a prefix of this plan) forms exactly the batches an
+    uninterrupted run would, which makes the resumed store bit-identical."""
+    batches: list[list[str]] = []
+    cur: list[str] = []
+    cur_size = None
+    for h, w, i in sorted(keys):
+        if cur and ((h, w) != cur_size or len(cur) >= batch_size):
+            batches.append(cur)
+            cur = []
+        cur.append(i)
+        cur_size = (h, w)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+def open_store_for(describer, data_dir: Path, dataset: str):
+    from .store import Store, store_path
+
+    store = Store.open(store_path(data_dir, dataset, describer.name))
+    store.check_compatible(describer.name, store_identity(describer), describer.weights_sha256)
+    return store
+
+
+def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = None, weights: str | Path | None = None,
+            weights_dir: str | Path | None = None, device: str = "auto", batch_size: int = 8,
+            workers: int | None = None, rebuild: bool = False, shard_rows: int = 512,
+            quiet: bool = True, describer=None) -> ExtractReport:
+    """Describe the dataset's database images into its store, incrementally and crash-safely.
+
+    New images are described, deleted ones tombstoned, changed ones (new size or mtime) tombstoned and re-described.
+    Work is committed in shards of about `shard_rows` images, so a killed run resumes where it stopped."""
+    import shutil
+
+    from PIL import Image
+
+    from . import progress
+    from .dataset import load_dataset
+    from .registry import load_model
+    from .store import Store, StoreWriter, store_path
+
+    t0 = time.perf_counter()
+    ddir = _data_dir(data_dir)
+    ds = load_dataset(ddir, dataset)
+    describer = describer or load_model(model, weights=weights, weights_dir=_weights_dir(weights_dir), device=device)
+    spath = store_path(ddir, dataset, describer.name)
+    identity = store_identity(describer)
+    if rebuild and spath.exists():
+        shutil.rmtree(spath)
+    try:
+        store = Store.open(spath)
+    except StoreError:
+        if (spath / "manifest.json").exists() and not rebuild:
+            raise
+        store = Store.create(spath, model=describer.name, config=identity, dim=describer.dim,
+                             weights_sha256=describer.weights_sha256, local_fields=describer.local_fields,
+                             dtype=describer.config.get("store", {}).get("dtype", "float16"), dataset=dataset)
+    store.check_compatible(describer.name, identity, describer.weights_sha256)
+    report = ExtractReport(dataset, describer.name, spath, total=len(ds.imlist))
+
+    with StoreWriter(store) as writer:
+        # what is already stored, and is it still current?
+        fingerprints = {i: _fingerprint(ds.image_path(i)) for i in ds.imlist if ds.image_path(i).exists()}
+        stored = _stored_fingerprints(writer.store)
+        dead = []
+        for row, (i, fp) in stored.items():
+            if i not in fingerprints:
+                dead.append(row)
+                report.removed += 1
+            elif fp != fingerprints[i]:
+                dead.append(row)
+                report.updated += 1
+        writer.tombstone(dead)
+        current = {i for row, (i, fp) in stored.items() if row not in set(dead)}
+        todo = [i for i in ds.imlist if i in fingerprints and i not in current]
+        missing = [i for i in ds.imlist if i not in fingerprints]
+        report.failed += [(i, "image file missing") for i in missing]
+        keys = []
+        for i in todo:
+            try:
+                with Image.open(ds.image_path(i)) as im:
+                    keys.append((im.height, im.width, i))
+            except Exception as e:  # unreadable file: reported, never fatal
+                report.failed.append((i, f"cannot read: {type(e).__name__}"))
+        batches = plan_batches(keys, batch_size)
+        n_todo = sum(len(b) for b in batches)
+        report.added = n_todo - report.updated
+        with progress.task(f"extract {dataset} [{describer.name}]", n_todo, quiet) as advance:
+            pending_ids: list[str] = []
+            pending: list[Any] = []
+            for batch_ids, arrays, errors in _decoded_batches(ds, batches, workers):
+                report.failed += errors
+                ok_ids = [i for i, a in zip(batch_ids, arrays) if a is not None]
+                ok = [a for a in arrays if a is not None]
+                if ok:
+                    pending_ids += ok_ids
+                    pending.append(describer.extract(ok))
+                advance(len(batch_ids))
+                if len(pending_ids) >= shard_rows:
+                    _flush(writer, pending_ids, pending, fingerprints)
+                    pending_ids, pending = [], []
+            if pending_ids:
+                _flush(writer, pending_ids, pending, fingerprints)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def _stored_fingerprints(store) -> dict[int, tuple[str, str]]:
+    """row -> (id, fingerprint) for live rows."""
+    out = {}
+    fps = store.fingerprints()
+    for row, (i, ok) in enumerate(zip(store.ids, store.live)):
+        if ok:
+            out[row] = (i, fps[row])
+    return out
+
+
+def _flush(writer, ids: list[str], parts: list[Any], fingerprints: dict[str, str]) -> None:
+    from .models.base import Features
+
+    g = np.concatenate([p.global_ for p in parts])
+    local = None
+    if parts[0].local:
+        local = {k: np.concatenate([p.local[k] for p in parts]) for k in parts[0].local}
+    writer.append(ids, Features(g, local), fingerprints=[fingerprints[i] for i in ids])
+
+
+def _decoded_batches(ds, batches: list[list[str]], workers: int | None):
+    """Yield (ids, arrays or None, errors) per planned batch, decoding in worker processes when worthwhile."""
+    from .images import load_rgb
+
+    n = sum(len(b) for b in batches)
+    if workers is None:
+        workers = 0 if n < 32 else min(4, max(1, (os.cpu_count() or 2) - 1))
+    if workers == 0:
+        for b in batches:
+            arrays, errors = [], []
+            for i in b:
+                try:
+                    arrays.append(load_rgb(ds.image_path(i)))
+                except ImageError as e:
+                    arrays.append(None)
+                    errors.append((i, e.message))
+            yield b, arrays, errors
+        return
+    import torch.utils.data as tud
+
+    loader = tud.DataLoader(_DecodeDataset([ds.image_path(i) for b in batches for i in b]),
+                            batch_sampler=_index_batches(batches), num_workers=workers, collate_fn=list)
+    for b, items in zip(batches, loader):
+        arrays = [a if isinstance(a, np.ndarray) else None for a in items]
+        errors = [(i, a) for i, a in zip(b, items) if isinstance(a, str)]
+        yield b, arrays, errors
+
+
+def _index_batches(batches: list[list[str]]) -> list[list[int]]:
+    out, k = [], 0
+    for b in batches:
+        out.append(list(range(k, k + len(b))))
+        k += len(b)
+    return out
+
+
+class _DecodeDataset:
+    """Decodes one file per item in a DataLoader worker; errors come back as strings instead of exceptions."""
+
+    def __init__(self, paths: list[Path]):
+        self.paths = paths
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from .images import load_rgb
+
+        try:
+            return load_rgb(self.paths[i])
+        except ImageError as e:
+            return e.message
+
+
+# ---- query ----------------------------------------------------------------------------------------------------------
+class Searcher:
+    """Holds a dataset, its store, the model, the reranker and the detector, loaded once for many queries."""
+
+    def __init__(self, dataset: str, model: str = "lite", data_dir: str | Path | None = None,
+                 weights: str | Path | None = None, weights_dir: str | Path | None = None, device: str = "auto",
+                 rerank: bool = True, detector: str | None = None, detector_options: dict[str, Any] | None = None,
+                 describer=None):
+        from .dataset import load_dataset
+        from .device import resolve_device
+        from .registry import load_detector, load_model, load_reranker
+
+        self.data_dir = _data_dir(data_dir)
+        self.dataset = load_dataset(self.data_dir, dataset)
+        wdir = _weights_dir(weights_dir)
+        self.describer = describer or load_model(model, weights=weights, weights_dir=wdir, device=device)
+        self.model = self.describer.name
+        self.device = resolve_device(device)
+        self.store = open_store_for(self.describer, self.data_dir, dataset)
+        if self.store.num_live() == 0:
+            raise StoreError(f"the {self.model} store of dataset {dataset!r} is empty",
+                             f"add images and run `visearch extract {dataset} --model {self.model}`")
+        self.reranker = load_reranker(self.describer.config, wdir, device) if rerank else None
+        self.detector_name = detector or "none"
+        self.detector = load_detector(self.detector_name, weights_dir=wdir, **(detector_options or {}))
+        self.sources = self.dataset.sources
+
+    def source_of(self, image_id: str) -> str:
+        return str(self.sources.get(image_id) or self.dataset.image_path(image_id))
+
+    def search_features(self, feats, k: int, rerank: bool = True):
+        """Global search (and rerank) for already described crops: returns rows, scores `[nq, k']`."""
+        from .rerankers.base import Shortlist
+        from .search import search_store
+
+        shortlist_k = k
+        use_rerank = rerank and self.reranker is not None
+        if use_rerank:
+            shortlist_k = max(k, self.reranker.shortlist_size)
+        rows, sims = search_store(feats.global_, self.store, shortlist_k, device=self.device)
+        if use_rerank:
+            sl = self.reranker.rerank(feats.global_, feats.local, Shortlist(rows, sims), self.store)
+            rows, sims = sl.rows, sl.sims
+        return rows[:, :k], sims[:, :k]
+
+    def query(self, image: str | Path | np.ndarray, prompt: str | None = None, top_k: int = 5,
+              max_boxes: int = 5, timings: dict[str, float] | None = None) -> dict[str, Any]:
+        """One query image -> the documented JSON object (crops with their results, and a merged ranking)."""
+        from .detectors.base import crop, select_crops
+        from .images import load_rgb
+
+        t = time.perf_counter
+        t0 = t()
+        img = load_rgb(image)
+        boxes = self.detector.detect(img, prompt) if self.detector_name != "none" else []
+        crops = select_crops(boxes, (img.shape[1], img.shape[0]), max_boxes=max_boxes)
+        t1 = t()
+        feats = self.describer.extract([crop(img, b) for b in crops])
+        t2 = t()
+        rows, sims = self.search_features(feats, top_k)
+        t3 = t()
+        if timings is not None:
+            timings.update(detect=t1 - t0, describe=t2 - t1, search_rerank=t3 - t2, total=t3 - t0)
+        ids = self.store.ids
+        out_crops, best = [], {}
+        for b, r, s in zip(crops, rows, sims):
+            results = []
+            for rank, (row, score) in enumerate(zip(r, s), 1):
+                iid = ids[int(row)]
+                results.append({"rank": rank, "id": iid, "path": self.source_of(iid), "score": round(float(score), 6)})
+                if iid not in best or score > best[iid]["score"]:
+                    best[iid] = {"id": iid, "path": self.source_of(iid), "score": round(float(score), 6)}
+            out_crops.append({"box": [round(float(v), 1) for v in b.as_list()], "label": b.label,
+                              "score": None if b.score is None else round(float(b.score), 4), "results": results})
+        merged = sorted(best.values(), key=lambda x: -x["score"])[:top_k]
+        for rank, m in enumerate(merged, 1):
+            m["rank"] = rank
+        merged = [{"rank": m["rank"], "id": m["id"], "path": m["path"], "score": m["score"]} for m in merged]
+        return {"query": str(image) if not isinstance(image, np.ndarray) else "<array>", "model": self.model,
+                "crops": out_crops, "merged": merged}
+
+
+# ---- evaluate -------------------------------------------------------------------------------------------------------
+def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = None,
+             weights: str | Path | None = None, weights_dir: str | Path | None = None, device: str = "auto",
+             rerank: bool = True, quiet: bool = True, searcher: Searcher | None = None) -> dict[str, Any]:
+    """Revisitop protocol: queries cropped to their bbx, full ranking of the database, Easy/Medium/Hard mAP and mP@k.
+
+    Returns {"dataset", "model", "global": {...}, "reranked": {...} or None} with per-protocol
+    {"map", "mp@1", "mp@5", "mp@10"} in percent."""
+    from . import progress
+    from .evaluate import evaluate_protocols
+    from .images import crop_box, load_rgb
+
+    s = searcher or Searcher(dataset, model, data_dir, weights, weights_dir, device, rerank=rerank)
+    ds = s.dataset
+    if not ds.gnd:
+        raise DatasetError(f"dataset {dataset!r} has no ground truth",
+                           "convert it with --ground-truth FILE, or use a revisitop dataset with gnd_*.pkl")
+    live_rows = s.store.live_rows_by_id()
+    missing = [i for i in ds.imlist if i not in live_rows]
+    if missing:
+        raise StoreError(f"{len(missing)} database images of {dataset!r} have no descriptors (e.g. {missing[0]})",
+                         f"run `visearch extract {dataset} --model {s.model}`")
+    # store rows -> imlist positions, so rankings index imlist as the ground truth does
+    row_to_pos = np.full(len(s.store), -1, np.int64)
+    for pos, i in enumerate(ds.imlist):
+        row_to_pos[live_rows[i]] = pos
+    n = len(ds.imlist)
+    global_ranks, reranked_ranks = [], []
+    with progress.task(f"eval {dataset} [{s.model}]", len(ds.qimlist), quiet, unit="query") as advance:
+        for qi in range(len(ds.qimlist)):
+            img = load_rgb(ds.query_path(qi))
+            bbx = ds.gnd[qi].get("bbx")
+            if bbx is not None:
+                img = crop_box(img, bbx)
+            feats = s.describer.extract([img])
+            rows, _ = s.search_features(feats, n, rerank=False)
+            global_ranks.append(row_to_pos[rows[0]])
+            if s.reranker is not None and rerank:
+                rows, _ = s.search_features(feats, n, rerank=True)
+                reranked_ranks.append(row_to_pos[rows[0]])
+            advance(1)
+    out = {"dataset": dataset, "model": s.model,
+           "global": evaluate_protocols(np.stack(global_ranks, 1), ds.gnd), "reranked": None}
+    if reranked_ranks:
+        out["reranked"] = evaluate_protocols(np.stack(reranked_ranks, 1), ds.gnd)
+    return out
+
+
+# ---- detect ---------------------------------------------------------------------------------------------------------
+def default_detector(weights_dir: str | Path | None = None) -> str:
+    """`gdino` when its weights are present, else the weight-free `tiles`."""
+    try:
+        from .detectors.grounding_dino import available
+    except ImportError:
+        return "tiles"
+    return "gdino" if available(_weights_dir(weights_dir)) else "tiles"
+
+
+def detect(image: str | Path, prompt: str | None = None, detector: str | None = None,
+           weights_dir: str | Path | None = None, **options: Any) -> tuple[str, list[Any]]:
+    """Boxes for one image: (detector name used, list of Box)."""
+    from .images import load_rgb
+    from .registry import load_detector
+
+    name = detector or default_detector(weights_dir)
+    det = load_detector(name, weights_dir=_weights_dir(weights_dir), **options)
+    return name, det.detect(load_rgb(image), prompt)
+
+
+def read_query_list(args: Sequence[str], stdin_lines: Sequence[str] | None = None) -> list[str]:
+    """Query arguments: image paths, `-` for stdin (one path per line), or a .txt/.lst file of paths."""
+    out: list[str] = []
+    for a in args:
+        if a == "-":
+            out += [ln.strip() for ln in (stdin_lines or []) if ln.strip()]
+        elif a.lower().endswith((".txt", ".lst")) and Path(a).is_file():
+            out += [ln.strip() for ln in Path(a).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        else:
+            out.append(a)
+    if not out:
+        raise UsageError("no query images given", "pass image paths, a .txt list, or - to read paths from stdin")
+    return out

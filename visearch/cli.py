@@ -1,0 +1,369 @@
+"""The `visearch` command: a thin Typer layer over visearch.api. Results go to stdout, progress and logs to stderr.
+
+Heavy libraries (torch, h5py, transformers) are imported inside the commands, so `visearch --help` starts fast.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import UsageError, VisearchError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Instance-level visual search: convert, extract, detect, query, eval, bench.")
+weights_app = typer.Typer(add_completion=False, no_args_is_help=True, help="List, download and verify model weights.")
+app.add_typer(weights_app, name="weights")
+
+
+class _State:
+    data_dir: Optional[Path] = None
+    weights_dir: Optional[Path] = None
+    quiet: bool = False
+
+
+state = _State()
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def _info(msg: str) -> None:
+    if not state.quiet:
+        sys.stderr.write(msg + "\n")
+
+
+@app.callback()
+def _main(
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="VISEARCH_DATA_DIR",
+                                            help="Where datasets and stores live [default: ./data]."),
+    weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", envvar="VISEARCH_WEIGHTS_DIR",
+                                               help="Where weight files live [default: ./weights]."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or notes on stderr."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details to stderr."),
+) -> None:
+    state.data_dir, state.weights_dir, state.quiet = data_dir, weights_dir, quiet
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+# ---- convert --------------------------------------------------------------------------------------------------------
+@app.command()
+def convert(
+    source: Path = typer.Argument(..., help="Folder of images (recursive), or a revisitop dataset folder."),
+    name: str = typer.Option(..., "--name", "-n", help="Dataset name (folder under the data dir)."),
+    ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="CSV or JSON ground truth for eval."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Turn a folder of images into a revisitop-layout dataset (re-run to add new images only)."""
+    from . import api
+
+    rep = api.convert(source, name, state.data_dir, ground_truth=ground_truth, quiet=state.quiet)
+    d = rep.as_dict() if hasattr(rep, "as_dict") else dict(vars(rep))
+    if json_out:
+        _out(json.dumps(d, default=str))
+        return
+    _out(rep.summary() if hasattr(rep, "summary") else str(d))
+
+
+# ---- extract --------------------------------------------------------------------------------------------------------
+@app.command()
+def extract(
+    dataset: str = typer.Argument(..., help="Dataset name (see `visearch convert`)."),
+    model: str = typer.Option("lite", "--model", "-m", help="Model name (`visearch models`)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint file."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass (equal sizes only)."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes [default: auto]."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Discard the existing store and describe everything."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Describe the dataset's images into an HDF5 store (incremental and resumable)."""
+    from . import api
+
+    r = api.extract(dataset, model, state.data_dir, weights, state.weights_dir, device, batch_size, workers,
+                    rebuild=rebuild, quiet=state.quiet)
+    d = {"dataset": r.dataset, "model": r.model, "store": str(r.store), "added": r.added, "updated": r.updated,
+         "removed": r.removed, "failed": [{"id": i, "reason": why} for i, why in r.failed], "total": r.total,
+         "seconds": round(r.seconds, 3), "images_per_s": round(r.images_per_s, 2)}
+    if json_out:
+        _out(json.dumps(d))
+        return
+    _out(f"{r.dataset} [{r.model}]: {r.added} added, {r.updated} updated, {r.removed} removed, "
+         f"{len(r.failed)} failed, {r.total} images in dataset ({r.images_per_s:.1f} img/s) -> {r.store}")
+    for i, why in r.failed[:20]:
+        sys.stderr.write(f"  skipped {i}: {why}\n")
+
+
+# ---- query ----------------------------------------------------------------------------------------------------------
+def _detector_options(box_threshold, text_threshold, token_file, endpoint) -> dict:
+    opts = {}
+    if box_threshold is not None:
+        opts["box_threshold"] = box_threshold
+    if text_threshold is not None:
+        opts["text_threshold"] = text_threshold
+    if token_file is not None or endpoint is not None:
+        opts.update(token_file=token_file, endpoint=endpoint)
+    return opts
+
+
+@app.command()
+def query(
+    images: List[str] = typer.Argument(..., help="Query images, a .txt list of paths, or - for paths on stdin."),
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset to search."),
+    model: str = typer.Option("lite", "--model", "-m", help="Model name (`visearch models`)."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint file."),
+    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Results per crop."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to look for, e.g. 'clothes . bag'."),
+    detector: Optional[str] = typer.Option(None, "--detector",
+                                           help="gdino, gdino-cloud, tiles or none [default: none, or auto "
+                                                "(gdino if its weights are present, else tiles) with --prompt]."),
+    max_boxes: int = typer.Option(5, "--max-boxes", min=0, help="Crops from the detector (plus the whole image)."),
+    box_threshold: Optional[float] = typer.Option(None, "--box-threshold"),
+    text_threshold: Optional[float] = typer.Option(None, "--text-threshold"),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="gdino-cloud API token file."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="gdino-cloud API endpoint."),
+    no_rerank: bool = typer.Option(False, "--no-rerank", help="Global search only."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per query image."),
+    paths: bool = typer.Option(False, "--paths", help="Bare result paths (merged ranking), one per line."),
+    show: Optional[Path] = typer.Option(None, "--show", help="Write a PNG contact sheet (one per query)."),
+    html: Optional[Path] = typer.Option(None, "--html", help="Write a self-contained HTML report."),
+) -> None:
+    """Search a dataset with one or many query images (each image, and each detected region, is a crop)."""
+    from . import api
+
+    if json_out and paths:
+        raise UsageError("--json and --paths cannot be combined")
+    stdin_lines = sys.stdin.read().splitlines() if "-" in images else None
+    qlist = api.read_query_list(images, stdin_lines)
+    if detector is None and (prompt or token_file or endpoint):
+        detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
+        _info(f"detector: {detector}")
+    searcher = api.Searcher(dataset, model, state.data_dir, weights, state.weights_dir, device,
+                            rerank=not no_rerank, detector=detector,
+                            detector_options=_detector_options(box_threshold, text_threshold, token_file, endpoint))
+    results, failures = [], 0
+    for q in qlist:
+        try:
+            res = searcher.query(q, prompt=prompt, top_k=top_k, max_boxes=max_boxes)
+        except VisearchError as e:  # one bad query image must not stop a batch
+            failures += 1
+            sys.stderr.write(f"error: {q}: {e}\n")
+            continue
+        results.append(res)
+        if json_out:
+            _out(json.dumps(res))
+        elif paths:
+            for m in res["merged"]:
+                _out(m["path"])
+        else:
+            _print_query_table(res)
+    if show or html:
+        from . import render
+
+        if show:
+            for i, res in enumerate(results):
+                out = show if len(results) == 1 else show.with_name(f"{show.stem}-{i + 1}{show.suffix}")
+                render.contact_sheet(res, out, searcher.dataset)
+                _info(f"wrote {out}")
+        if html:
+            render.html_report(results, html, searcher.dataset)
+            _info(f"wrote {html}")
+    if failures:
+        raise typer.Exit(1)
+
+
+def _print_query_table(res: dict) -> None:
+    from rich.table import Table
+
+    console = _console()
+    for c in res["crops"]:
+        box = ", ".join(f"{v:.0f}" for v in c["box"])
+        det = f" {c['score']:.2f}" if c["score"] is not None else ""
+        t = Table(title=f"{res['query']} | {c['label']}{det} [{box}]", title_justify="left")
+        for col in ("rank", "score", "id", "path"):
+            t.add_column(col, justify="right" if col in ("rank", "score") else "left")
+        for r in c["results"]:
+            t.add_row(str(r["rank"]), f"{r['score']:.4f}", r["id"], r["path"])
+        console.print(t)
+    if len(res["crops"]) > 1:
+        t = Table(title=f"{res['query']} | merged (best score per image)", title_justify="left")
+        for col in ("rank", "score", "id", "path"):
+            t.add_column(col)
+        for r in res["merged"]:
+            t.add_row(str(r["rank"]), f"{r['score']:.4f}", r["id"], r["path"])
+        console.print(t)
+
+
+# ---- eval -----------------------------------------------------------------------------------------------------------
+@app.command("eval")
+def eval_(
+    dataset: str = typer.Argument(..., help="Dataset with ground truth."),
+    model: str = typer.Option("lite", "--model", "-m"),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint file."),
+    no_rerank: bool = typer.Option(False, "--no-rerank", help="Evaluate global search only."),
+    device: str = typer.Option("auto", "--device"),
+    json_out: bool = typer.Option(False, "--json", help="One JSON object (percentages)."),
+) -> None:
+    """Revisitop evaluation: mAP (Easy/Medium/Hard) and mP@1/5/10."""
+    from . import api
+
+    r = api.evaluate(dataset, model, state.data_dir, weights, state.weights_dir, device, rerank=not no_rerank,
+                     quiet=state.quiet)
+    main_result = r["reranked"] or r["global"]
+    if json_out:
+        _out(json.dumps({"dataset": r["dataset"], "model": r["model"], "reranked": r["reranked"] is not None,
+                         **main_result}))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{r['dataset']} [{r['model']}] revisitop evaluation (%)", title_justify="left")
+    t.add_column("protocol")
+    cols = [("global", r["global"])] + ([("reranked", r["reranked"])] if r["reranked"] else [])
+    for name, _ in cols:
+        for m in ("mAP", "mP@1", "mP@5", "mP@10"):
+            t.add_column(f"{name} {m}" if len(cols) > 1 else m, justify="right")
+    for proto in ("easy", "medium", "hard"):
+        row = [proto]
+        for _, res in cols:
+            row += [f"{res[proto][k]:.2f}" for k in ("map", "mp@1", "mp@5", "mp@10")]
+        t.add_row(*row)
+    _console().print(t)
+
+
+# ---- detect ---------------------------------------------------------------------------------------------------------
+@app.command()
+def detect(
+    image: Path = typer.Argument(..., help="Image to search for regions."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to look for, e.g. 'clothes . bag'."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="gdino, gdino-cloud, tiles or none "
+                                           "[default: gdino if its weights are present, else tiles]."),
+    box_threshold: Optional[float] = typer.Option(None, "--box-threshold"),
+    text_threshold: Optional[float] = typer.Option(None, "--text-threshold"),
+    max_boxes: Optional[int] = typer.Option(None, "--max-boxes", min=1),
+    token_file: Optional[Path] = typer.Option(None, "--token-file", help="gdino-cloud API token file."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="gdino-cloud API endpoint."),
+    json_out: bool = typer.Option(False, "--json"),
+    save: Optional[Path] = typer.Option(None, "--save", help="Write the image with the boxes drawn."),
+) -> None:
+    """Find regions of interest with Grounding DINO (local or cloud) or weight-free tiles."""
+    from . import api
+
+    if detector is None:
+        detector = api.default_detector(state.weights_dir)
+        _info(f"detector: {detector}" + (" (no Grounding DINO weights found)" if detector == "tiles" else ""))
+    name, boxes = api.detect(image, prompt, detector, state.weights_dir,
+                             **_detector_options(box_threshold, text_threshold, token_file, endpoint))
+    boxes = sorted(boxes, key=lambda b: -(b.score or 0))[:max_boxes] if max_boxes else boxes
+    if save:
+        from . import render
+
+        render.draw_boxes(image, boxes, save)
+        _info(f"wrote {save}")
+    if json_out:
+        _out(json.dumps({"image": str(image), "detector": name,
+                         "boxes": [{"box": [round(v, 1) for v in b.as_list()], "score": b.score, "label": b.label}
+                                   for b in boxes]}))
+        return
+    from rich.table import Table
+
+    t = Table(title=f"{image} [{name}]: {len(boxes)} boxes", title_justify="left")
+    for col in ("#", "x0", "y0", "x1", "y1", "score", "label"):
+        t.add_column(col)
+    for i, b in enumerate(boxes, 1):
+        t.add_row(str(i), *(f"{v:.0f}" for v in b.as_list()), "" if b.score is None else f"{b.score:.3f}", b.label)
+    _console().print(t)
+
+
+# ---- models and weights ---------------------------------------------------------------------------------------------
+@app.command()
+def models() -> None:
+    """List the model names."""
+    from .config import load_model_config, model_names
+
+    for n in model_names():
+        cfg = load_model_config(n)
+        alias = f" (alias of {cfg['name']})" if cfg["name"] != n else ""
+        _out(f"{n}{alias}")
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """Weight files each model needs, and whether they are present."""
+    from . import config, weights
+
+    wdir = state.weights_dir or config.default_weights_dir()
+    for spec, present, path, size in weights.status(wdir):
+        mark = "present" if present else "missing"
+        _out(f"{spec.name:24s} {mark:8s} {path}  ({', '.join(spec.models) if spec.models else ''})")
+
+
+@weights_app.command("download")
+def weights_download(names: List[str] = typer.Argument(..., help="Entries from `visearch weights list`.")) -> None:
+    """Download weight files (resumable, checked, written atomically)."""
+    from . import config, progress, weights
+
+    wdir = state.weights_dir or config.default_weights_dir()
+    for n in names:
+        with progress.task(f"download {n}", None, state.quiet, unit="B") as advance:
+            last = [0]
+
+            def cb(done, total, last=last):
+                advance(done - last[0])
+                last[0] = done
+
+            path = weights.download(n, wdir, progress=cb)
+        _out(str(path))
+
+
+@weights_app.command("verify")
+def weights_verify() -> None:
+    """Check sizes, hashes and loadability of the weight files present."""
+    from . import config, weights
+
+    wdir = state.weights_dir or config.default_weights_dir()
+    bad = 0
+    for spec, ok, message in weights.verify(wdir):
+        bad += ok is False
+        _out(f"{spec.name:24s} {'ok' if ok else ('-' if ok is None else 'BAD')}  {message}")
+    if bad:
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point: map library errors to one-line messages and exit codes, never a traceback."""
+    try:
+        app()
+    except VisearchError as e:
+        sys.stderr.write(f"error: {e.message}" + (f" ({e.hint})" if e.hint else "") + "\n")
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        sys.exit(130)
+    except BrokenPipeError:  # e.g. `visearch query ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(0)
+    except Exception as e:  # an unexpected bug: still one line, with a way to see more
+        if os.environ.get("VISEARCH_DEBUG"):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        sys.stderr.write(f"error: unexpected {type(e).__name__}: {first} (set VISEARCH_DEBUG=1 for a traceback)\n")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,360 @@
+"""Descriptor store: the only module that imports h5py.
+
+Layout: one folder per (dataset, model), `<data>/<name>/features/<model>/`, holding
+  manifest.json      provenance (model, describe config, weights sha256, visearch and schema versions, dim, dtypes,
+                     local fields) and the list of committed shards with their row counts, byte sizes and dead rows;
+  shard-NNNNN.h5     immutable HDF5 files: `ids` [n] (utf-8), `global` [n, D], `local/<field>` [n, *shape].
+
+Why shards plus an atomically replaced manifest instead of one growing HDF5 file: HDF5 is not crash-safe while it is
+being appended to (a SIGKILL mid-write can corrupt the whole file) and a reader racing a writer can see torn metadata.
+Here a shard is written to a temporary name, fsync'd and renamed, and only then listed in a new manifest (temp + fsync +
+rename). A crash leaves at worst an unlisted temp file; a reader sees the old or the new manifest, each complete.
+Deleted or changed images are tombstoned (their rows listed as dead) and never returned. Sharding also lets a
+10-million-image store be read chunk by chunk without holding it in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import h5py
+import numpy as np
+
+from . import __version__
+from .errors import StoreError
+from .models.base import Features, LocalField
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+REBUILD_HINT = "run `visearch extract ... --rebuild` to rebuild it"
+
+
+def store_path(data_dir: str | Path, dataset: str, model: str) -> Path:
+    return Path(data_dir) / dataset / "features" / model
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@dataclass
+class _Shard:
+    file: str
+    rows: int
+    bytes: int
+    dead: list[int]
+
+
+class Store:
+    """An open store. Rows are numbered across shards in manifest order; `ids[row]`, `live[row]`."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self.shards = [_Shard(**s) for s in manifest["shards"]]
+        self.dim: int = manifest["dim"]
+        self.dtype = np.dtype(manifest["dtype"])
+        self.local_fields = {k: LocalField(tuple(v["shape"]), v["dtype"]) for k, v in manifest["local_fields"].items()}
+        self._offsets = np.cumsum([0] + [s.rows for s in self.shards])
+        self._files: dict[str, h5py.File] = {}
+        self._ids: list[str] | None = None
+        self._live: np.ndarray | None = None
+
+    # ---- creation and opening -------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, *, model: str, config: dict[str, Any], dim: int,
+               weights_sha256: str | None, local_fields: dict[str, LocalField] | None = None,
+               dtype: str = "float16", dataset: str | None = None) -> "Store":
+        """Create an empty store (replacing any existing one at `path` only when it is empty or `rebuild`)."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "schema_version": SCHEMA_VERSION,
+            "visearch_version": __version__,
+            "model": model,
+            "config": config,
+            "weights_sha256": weights_sha256,
+            "dataset": dataset,
+            "dim": int(dim),
+            "dtype": np.dtype(dtype).name,
+            "local_fields": {k: {"shape": list(v.shape), "dtype": v.dtype} for k, v in (local_fields or {}).items()},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "shards": [],
+        }
+        _atomic_write_json(path / MANIFEST, manifest)
+        return cls(path, manifest)
+
+    @classmethod
+    def open(cls, path: str | Path, check_files: bool = True) -> "Store":
+        """Open a store read-only; a missing, truncated or corrupt store raises StoreError with a way out."""
+        path = Path(path)
+        mpath = path / MANIFEST
+        if not mpath.is_file():
+            raise StoreError(f"no descriptors at {path}", "run `visearch extract` for this dataset and model first")
+        try:
+            manifest = json.loads(mpath.read_text(encoding="utf-8"))
+            version = manifest["schema_version"]
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise StoreError(f"store manifest {mpath} is corrupt", REBUILD_HINT) from None
+        if version != SCHEMA_VERSION:
+            raise StoreError(f"store {path} has schema version {version}, this visearch reads {SCHEMA_VERSION}",
+                             REBUILD_HINT)
+        store = cls(path, manifest)
+        if check_files:
+            store.check()
+        return store
+
+    def check(self) -> None:
+        """Each listed shard exists with its recorded size and row count (catches truncation and lost files)."""
+        for s in self.shards:
+            f = self.path / s.file
+            if not f.is_file():
+                raise StoreError(f"store {self.path} is missing {s.file}", REBUILD_HINT)
+            if f.stat().st_size != s.bytes:
+                raise StoreError(f"store file {f} is truncated or changed ({f.stat().st_size} bytes, "
+                                 f"expected {s.bytes})", REBUILD_HINT)
+            try:
+                n = self._file(s.file)["global"].shape[0]
+            except (OSError, KeyError) as e:
+                raise StoreError(f"store file {f} is corrupt ({str(e).splitlines()[0][:120]})", REBUILD_HINT) from None
+            if n != s.rows:
+                raise StoreError(f"store file {f} holds {n} rows, manifest says {s.rows}", REBUILD_HINT)
+
+    def _file(self, name: str) -> h5py.File:
+        if name not in self._files:
+            self._files[name] = h5py.File(self.path / name, "r")
+        return self._files[name]
+
+    def close(self) -> None:
+        for f in self._files.values():
+            with contextlib.suppress(Exception):
+                f.close()
+        self._files.clear()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- provenance ---------------------------------------------------------------------------------------------
+    @property
+    def model(self) -> str:
+        return self.manifest["model"]
+
+    def check_compatible(self, model: str, config: dict[str, Any], weights_sha256: str | None) -> None:
+        """Refuse to mix descriptors of another model, configuration or weights file."""
+        m = self.manifest
+        if m["model"] != model:
+            raise StoreError(f"store {self.path} was built with model {m['model']!r}, not {model!r}",
+                             f"use --model {m['model']} or re-extract with --model {model}")
+        if m["config"] != config:
+            raise StoreError(f"store {self.path} was built with another {model} configuration",
+                             "use the configuration it was built with, or " + REBUILD_HINT)
+        if m["weights_sha256"] and weights_sha256 and m["weights_sha256"] != weights_sha256:
+            raise StoreError(f"store {self.path} was built with other {model} weights "
+                             f"(sha256 {m['weights_sha256'][:12]}..., now {weights_sha256[:12]}...)",
+                             "pass the same --weights file, or " + REBUILD_HINT)
+
+    # ---- reading ------------------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return int(self._offsets[-1])
+
+    @property
+    def ids(self) -> list[str]:
+        if self._ids is None:
+            ids: list[str] = []
+            for s in self.shards:
+                ids.extend(x.decode() if isinstance(x, bytes) else x for x in self._file(s.file)["ids"][:])
+            self._ids = ids
+        return self._ids
+
+    def fingerprints(self) -> list[str]:
+        out: list[str] = []
+        for s in self.shards:
+            out.extend(x.decode() if isinstance(x, bytes) else x for x in self._file(s.file)["fingerprints"][:])
+        return out
+
+    @property
+    def live(self) -> np.ndarray:
+        """Bool `[N]`: False for tombstoned rows (deleted or superseded images)."""
+        if self._live is None:
+            live = np.ones(len(self), bool)
+            for off, s in zip(self._offsets, self.shards):
+                if s.dead:
+                    live[off + np.asarray(s.dead, int)] = False
+            self._live = live
+        return self._live
+
+    def live_rows_by_id(self) -> dict[str, int]:
+        return {i: r for r, (i, ok) in enumerate(zip(self.ids, self.live)) if ok}
+
+    def num_live(self) -> int:
+        return int(self.live.sum())
+
+    def iter_global(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (first row, block `[n, D]` in the stored dtype), never more than `chunk_rows` rows at once."""
+        for off, s in zip(self._offsets, self.shards):
+            ds = self._file(s.file)["global"]
+            for a in range(0, s.rows, chunk_rows):
+                yield int(off + a), ds[a:min(a + chunk_rows, s.rows)]
+
+    def _gather(self, rows: np.ndarray, key: str) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise StoreError(f"row index out of range for store {self.path}")
+        shard_of = np.searchsorted(self._offsets, rows, side="right") - 1
+        out = None
+        for si in np.unique(shard_of):
+            sel = np.nonzero(shard_of == si)[0]
+            local = rows[sel] - self._offsets[si]
+            uniq, inverse = np.unique(local, return_inverse=True)  # h5py wants increasing unique indices
+            block = self._file(self.shards[si].file)[key][uniq][inverse]
+            if out is None:
+                out = np.empty((rows.size,) + block.shape[1:], block.dtype)
+            out[sel] = block
+        if out is None:
+            ds = self._file(self.shards[0].file)[key] if self.shards else None
+            shape = ds.shape[1:] if ds is not None else (self.dim,)
+            out = np.empty((0,) + tuple(shape), ds.dtype if ds is not None else self.dtype)
+        return out
+
+    def read_global(self, rows: np.ndarray) -> np.ndarray:
+        """Global descriptors of `rows` as float32 `[len(rows), D]`, in the order given."""
+        return self._gather(rows, "global").astype(np.float32, copy=False)
+
+    def read_local(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        """Each local field of `rows`: `{field: [len(rows), *shape]}`."""
+        return {k: self._gather(rows, f"local/{k}") for k in self.local_fields}
+
+    def nbytes(self) -> dict[str, int]:
+        """Bytes on disk of the stored global and local arrays (HDF5 storage size) and of the whole folder."""
+        out = {"global": 0, "local": 0}
+        for s in self.shards:
+            f = self._file(s.file)
+            out["global"] += f["global"].id.get_storage_size()
+            for k in self.local_fields:
+                out["local"] += f[f"local/{k}"].id.get_storage_size()
+        out["total_on_disk"] = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        return out
+
+
+class StoreWriter:
+    """Appends shards to a store under an exclusive lock (one writer at a time; readers never block)."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.path = store.path
+        self._lock = open(self.path / ".lock", "w")
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.close()
+            raise StoreError(f"another process is writing to {self.path}", "wait for it to finish") from None
+        self._clean_temp_files()
+
+    def _clean_temp_files(self) -> None:
+        """Remove leftovers of a crashed writer (never listed in the manifest, so never read)."""
+        listed = {s.file for s in self.store.shards}
+        for p in self.path.iterdir():
+            if p.name.endswith(".tmp") or (p.name.startswith("shard-") and p.name not in listed):
+                p.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        fcntl.flock(self._lock, fcntl.LOCK_UN)
+        self._lock.close()
+
+    def __enter__(self) -> "StoreWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def _next_name(self) -> str:
+        used = [int(s.file[6:11]) for s in self.store.shards]
+        return f"shard-{(max(used) + 1) if used else 0:05d}.h5"
+
+    def append(self, ids: list[str], features: Features, fingerprints: list[str] | None = None) -> None:
+        """Write one immutable shard with these rows, then publish it in a new manifest.
+
+        `fingerprints` identify the version of each source image (so a changed file is re-described)."""
+        st = self.store
+        g = np.asarray(features.global_)
+        if g.ndim != 2 or g.shape != (len(ids), st.dim):
+            raise StoreError(f"descriptor batch has shape {g.shape}, expected ({len(ids)}, {st.dim})")
+        if not np.isfinite(g).all():
+            raise StoreError("model produced non-finite descriptors; refusing to store them")
+        name = self._next_name()
+        tmp = self.path / f"{name}.tmp"
+        try:
+            with h5py.File(tmp, "w") as f:
+                f.attrs["schema_version"] = SCHEMA_VERSION
+                f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
+                f.create_dataset("fingerprints", data=np.array(fingerprints or [""] * len(ids), dtype=object),
+                                 dtype=h5py.string_dtype("utf-8"))
+                f.create_dataset("global", data=g.astype(st.dtype), chunks=(min(len(ids), 1024), st.dim))
+                for k, spec in st.local_fields.items():
+                    arr = np.asarray((features.local or {})[k], dtype=spec.dtype)
+                    if arr.shape != (len(ids),) + spec.shape:
+                        raise StoreError(f"local field {k!r} has shape {arr.shape}, "
+                                         f"expected {(len(ids),) + spec.shape}")
+                    f.create_dataset(f"local/{k}", data=arr, chunks=(1,) + spec.shape)
+            with open(tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path / name)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write to {self.path}: {e.strerror or e}",
+                             "free disk space and re-run; everything written before is intact") from None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        shard = {"file": name, "rows": len(ids), "bytes": (self.path / name).stat().st_size, "dead": []}
+        self._publish(st.manifest["shards"] + [shard])
+
+    def tombstone(self, rows: list[int]) -> None:
+        """Mark rows dead (their images were deleted or changed)."""
+        if not rows:
+            return
+        st = self.store
+        shards = [dict(s) for s in st.manifest["shards"]]
+        for r in rows:
+            si = int(np.searchsorted(st._offsets, r, side="right") - 1)
+            shards[si]["dead"] = sorted(set(shards[si]["dead"]) | {int(r - st._offsets[si])})
+        self._publish(shards)
+
+    def _publish(self, shards: list[dict[str, Any]]) -> None:
+        manifest = dict(self.store.manifest, shards=shards, visearch_version=__version__)
+        try:
+            _atomic_write_json(self.path / MANIFEST, manifest)
+        except OSError as e:
+            raise StoreError(f"cannot write to {self.path}: {e.strerror or e}",
+                             "free disk space and re-run; everything written before is intact") from None
+        old = self.store
+        new = Store(self.path, manifest)
+        new._files, old._files = old._files, {}
+        self.store = new
