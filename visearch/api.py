@@ -94,7 +94,7 @@ def open_store_for(describer, data_dir: Path, dataset: str):
 
 def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = None, weights: str | Path | None = None,
             weights_dir: str | Path | None = None, device: str = "auto", batch_size: int = 8,
-            workers: int | None = None, rebuild: bool = False, shard_rows: int = 512,
+            workers: int | None = None, rebuild: bool = False, shard_rows: int | None = None,
             quiet: bool = True, describer=None) -> ExtractReport:
     """Describe the dataset's database images into its store, incrementally and crash-safely.
 
@@ -110,6 +110,7 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
     from .store import Store, StoreWriter, store_path
 
     t0 = time.perf_counter()
+    shard_rows = shard_rows or int(os.environ.get("VISEARCH_SHARD_ROWS", "512"))
     ddir = _data_dir(data_dir)
     ds = load_dataset(ddir, dataset)
     describer = describer or load_model(model, weights=weights, weights_dir=_weights_dir(weights_dir), device=device)
@@ -141,7 +142,8 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
                 dead.append(row)
                 report.updated += 1
         writer.tombstone(dead)
-        current = {i for row, (i, fp) in stored.items() if row not in set(dead)}
+        dead_set = set(dead)
+        current = {i for row, (i, fp) in stored.items() if row not in dead_set}
         todo = [i for i in ds.imlist if i in fingerprints and i not in current]
         missing = [i for i in ds.imlist if i not in fingerprints]
         report.failed += [(i, "image file missing") for i in missing]

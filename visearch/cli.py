@@ -11,11 +11,13 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-import typer
+# plain help formatting: importing rich's markdown stack would double the start-up time of `visearch --help`
+os.environ.setdefault("TYPER_USE_RICH", "0")
+import typer  # noqa: E402
 
-from .errors import UsageError, VisearchError
+from .errors import UsageError, VisearchError  # noqa: E402
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Instance-level visual search: convert, extract, detect, query, eval, bench.")
 weights_app = typer.Typer(add_completion=False, no_args_is_help=True, help="List, download and verify model weights.")
 app.add_typer(weights_app, name="weights")
