@@ -293,6 +293,8 @@ def _http_download(url: str, spec: WeightSpec, dest: Path, progress: Progress | 
                 headers["Range"] = f"bytes={start}-"
             with sess.get(url, headers=headers, stream=True, timeout=_TIMEOUT) as r:
                 if r.status_code == 416 and start:
+                    if r.headers.get("Content-Range", "") == f"bytes */{start}":
+                        break  # the .part already holds the whole file (an earlier run stopped before the rename)
                     part.unlink()  # our partial file does not fit the server's file: restart
                     continue
                 if r.status_code >= 400:

@@ -230,6 +230,16 @@ def test_interrupted_download_keeps_part_and_resumes(server, tmp_path, monkeypat
     assert server.sent == len(data)  # 100 kB + the rest, nothing twice
 
 
+def test_complete_part_with_unknown_size_is_finished_without_refetch(server, tmp_path, monkeypatch):
+    data = _checkpoint_bytes(tmp_path)
+    server.files["blob.pt"] = data
+    _write_manifest(tmp_path, monkeypatch, data)  # size and hash unknown
+    monkeypatch.setenv(W.MIRROR_ENV, server.base)
+    (tmp_path / "blob.pt.part").write_bytes(data)
+    assert W.download("test-item", tmp_path).read_bytes() == data
+    assert [r["status"] for r in server.requests] == [416] and server.sent == 0
+
+
 def test_server_without_range_support_restarts_cleanly(server, tmp_path, monkeypatch):
     data = _checkpoint_bytes(tmp_path)
     server.files["blob.pt"] = data
