@@ -281,8 +281,11 @@ class Searcher:
     def source_of(self, image_id: str) -> str:
         return str(self.sources.get(image_id) or self.dataset.image_path(image_id))
 
-    def search_features(self, feats, k: int, rerank: bool = True):
-        """Global search (and rerank) for already described crops: returns rows, scores `[nq, k']`."""
+    def search_features(self, feats, k: int, rerank: bool = True, timings: dict[str, float] | None = None):
+        """Global search (and rerank) for already described crops: returns rows, scores `[nq, k']`.
+
+        `timings`, when given, receives `search` and `rerank` seconds (both stages end with a copy to host numpy, so
+        the wall times include all device work)."""
         from .rerankers.base import Shortlist
         from .search import search_store
 
@@ -290,10 +293,14 @@ class Searcher:
         use_rerank = rerank and self.reranker is not None
         if use_rerank:
             shortlist_k = max(k, self.reranker.shortlist_size)
+        t0 = time.perf_counter()
         rows, sims = search_store(feats.global_, self.store, shortlist_k, device=self.device)
+        t1 = time.perf_counter()
         if use_rerank:
             sl = self.reranker.rerank(feats.global_, feats.local, Shortlist(rows, sims), self.store)
             rows, sims = sl.rows, sl.sims
+        if timings is not None:
+            timings.update(search=t1 - t0, rerank=time.perf_counter() - t1)
         return rows[:, :k], sims[:, :k]
 
     def query(self, image: str | Path | np.ndarray, prompt: str | None = None, top_k: int = 5,
@@ -310,10 +317,11 @@ class Searcher:
         t1 = t()
         feats = self.describer.extract([crop(img, b) for b in crops])
         t2 = t()
-        rows, sims = self.search_features(feats, top_k)
+        stages: dict[str, float] = {}
+        rows, sims = self.search_features(feats, top_k, timings=stages)
         t3 = t()
         if timings is not None:
-            timings.update(detect=t1 - t0, describe=t2 - t1, search_rerank=t3 - t2, total=t3 - t0)
+            timings.update(detect=t1 - t0, describe=t2 - t1, search_rerank=t3 - t2, total=t3 - t0, **stages)
         ids = self.store.ids
         out_crops, best = [], {}
         for b, r, s in zip(crops, rows, sims):
