@@ -305,44 +305,48 @@ def models() -> None:
 
 @weights_app.command("list")
 def weights_list() -> None:
-    """Weight files each model needs, and whether they are present."""
+    """Weight files each model needs, whether they are present, and where they come from."""
     from . import config, weights
 
     wdir = state.weights_dir or config.default_weights_dir()
-    for spec, present, path, size in weights.status(wdir):
-        mark = "present" if present else "missing"
-        _out(f"{spec.name:24s} {mark:8s} {path}  ({', '.join(spec.models) if spec.models else ''})")
+    for st in weights.status(wdir):
+        spec = st.spec
+        mark = "present" if st.present else "missing"
+        _out(f"{spec.name:22s} {mark:8s} {st.path}  sha256={spec.sha256 or 'unknown'}  "
+             f"for: {', '.join(spec.used_by)}  from: {(spec.sources() or ['-'])[0]}")
 
 
 @weights_app.command("download")
-def weights_download(names: List[str] = typer.Argument(..., help="Entries from `visearch weights list`.")) -> None:
-    """Download weight files (resumable, checked, written atomically)."""
+def weights_download(names: List[str] = typer.Argument(..., help="Items or model names from `weights list`.")) -> None:
+    """Download weight files (resumable, size/hash checked, written atomically)."""
     from . import config, progress, weights
 
     wdir = state.weights_dir or config.default_weights_dir()
     for n in names:
-        with progress.task(f"download {n}", None, state.quiet, unit="B") as advance:
-            last = [0]
+        for spec in weights.items_for(n):
+            with progress.task(f"download {spec.name}", spec.size or spec.approx_size, state.quiet, unit="B") as adv:
+                last = [0]
 
-            def cb(done, total, last=last):
-                advance(done - last[0])
-                last[0] = done
+                def cb(done, total, last=last, adv=adv):
+                    adv(done - last[0])
+                    last[0] = done
 
-            path = weights.download(n, wdir, progress=cb)
-        _out(str(path))
+                path = weights.download(spec.name, wdir, progress=cb)
+            _out(str(path))
 
 
 @weights_app.command("verify")
-def weights_verify() -> None:
-    """Check sizes, hashes and loadability of the weight files present."""
+def weights_verify(all_items: bool = typer.Option(False, "--all", help="Also list missing items.")) -> None:
+    """Check sizes, hashes and safe loadability of the weight files present."""
     from . import config, weights
 
     wdir = state.weights_dir or config.default_weights_dir()
-    bad = 0
-    for spec, ok, message in weights.verify(wdir):
-        bad += ok is False
-        _out(f"{spec.name:24s} {'ok' if ok else ('-' if ok is None else 'BAD')}  {message}")
-    if bad:
+    results = weights.verify(wdir, include_missing=all_items)
+    for r in results:
+        _out(f"{r.spec.name:22s} {'ok' if r.ok else 'BAD'}  {r.message}")
+    if not results:
+        _out(f"no weight files in {wdir} (see `visearch weights list`)")
+    if any(not r.ok for r in results):
         raise typer.Exit(1)
 
 
