@@ -144,7 +144,8 @@ def test_model_requirements():
     assert W.items_for("lite") == []
     assert [s.name for s in W.items_for("superglobal")] == ["superglobal-r101"]
     assert [s.name for s in W.items_for("superglobal-r50")] == ["superglobal-r50"]
-    assert {s.name for s in W.items_for("ames")} == {"superglobal-r101", "ames-detector", "ames-float"}
+    assert {s.name for s in W.items_for("ames")} == {"superglobal-r101", "ames-detector", "ames-dist", "ames-itq"}
+    assert {s.name for s in W.items_for("ames-float")} == {"superglobal-r101", "ames-detector", "ames-float"}
     assert "ames-itq" in {s.name for s in W.items_for("ames-dist")}
     assert [s.name for s in W.items_for("gdino")] == ["grounding-dino-tiny"]
     assert [s.name for s in W.items_for("ames-itq")] == ["ames-itq"]
