@@ -101,7 +101,13 @@ def _open_pil(src: str | os.PathLike | IO[bytes], name: str) -> Image.Image:
     except IsADirectoryError:
         raise ImageError(f"{name}: is a directory", "pass an image file") from None
     except Image.DecompressionBombError as e:
-        raise ImageError(f"{name}: image is too large to decode safely (decompression-bomb limit; {_first_line(e)})",
+        import re
+
+        m = re.search(r"\((\d+) pixels\)", str(e))
+        limit = Image.MAX_IMAGE_PIXELS or 0
+        what = (f"{int(m.group(1)) / 1e6:.0f} Mpixels, above the decompression-bomb limit of "
+                f"{limit / 1e6:.0f} Mpixels" if m else _first_line(e))
+        raise ImageError(f"{name}: image too large to decode safely ({what})",
                          "downscale it first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image: {_describe_bytes(head)}",
