@@ -11,14 +11,12 @@ import pytest
 
 pytest.importorskip("transformers")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gdino_tiny import build_tiny_gdino  # noqa: E402
-
-from visearch.detectors import Box, select_crops  # noqa: E402
-from visearch.detectors.grounding_dino import (GroundingDinoDetector, _clean_label, available,  # noqa: E402
-                                               build, model_dir)
-from visearch.errors import UsageError, WeightsError  # noqa: E402
-from visearch.registry import load_detector  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.gdino_tiny import build_tiny_gdino
+from visearch.detectors import Box, select_crops
+from visearch.detectors.grounding_dino import GroundingDinoDetector, _clean_label, available, build, model_dir
+from visearch.errors import UsageError, WeightsError
+from visearch.registry import load_detector
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +32,9 @@ def detector(weights_dir) -> GroundingDinoDetector:
 
     torch.set_num_threads(2)
     # box_threshold 0 keeps every query of the random model, so the box path is always exercised
-    return build(weights_dir=weights_dir, box_threshold=0.0, text_threshold=0.0, device="cpu")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        return build(weights_dir=weights_dir, box_threshold=0.0, text_threshold=0.0, device="cpu")
 
 
 @pytest.fixture(autouse=True)
