@@ -182,11 +182,24 @@ def _resolve_allowed(kind: str, name: str) -> Any:
     return getattr(importlib.import_module(kind), name)
 
 
+def _safe_bytes(*args: Any) -> bytes:
+    """bytes() for protocol-2 pickles of empty buffers; refuses to allocate from a bare size (memory bomb)."""
+    if args and isinstance(args[0], int):
+        raise _ForbiddenGlobal("bytes(<size>) is not plain data")
+    return bytes(*args)
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    """The pickle asks for a callable outside the allow-list."""
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:
+        if module in ("builtins", "__builtin__") and name == "bytes":
+            return _safe_bytes
         target = _ALLOWED_GLOBALS.get((module, name))
         if target is None:
-            raise pickle.UnpicklingError(f"global {module}.{name} is not plain data")
+            raise _ForbiddenGlobal(f"global {module}.{name} is not plain data")
         return _resolve_allowed(*target)
 
 
@@ -204,7 +217,7 @@ def read_gnd(path: str | Path) -> dict[str, Any]:
         raise DatasetError(f"ground truth {path} is empty (0 bytes)", "re-run convert or download it again")
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
-    except pickle.UnpicklingError as e:
+    except _ForbiddenGlobal as e:
         raise DatasetError(f"refusing to load {path}: {e}",
                            "gnd pickles may hold only lists, dicts, numbers, strings and numpy arrays; "
                            "get the file from the official source") from None
