@@ -36,10 +36,11 @@ import re
 import stat as stat_mod
 import tempfile
 import unicodedata
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -221,7 +222,7 @@ def read_gnd(path: str | Path) -> dict[str, Any]:
         raise DatasetError(f"refusing to load {path}: {e}",
                            "gnd pickles may hold only lists, dicts, numbers, strings and numpy arrays; "
                            "get the file from the official source") from None
-    except Exception as e:  # truncated or garbage: EOFError, ValueError, UnicodeDecodeError, ...
+    except Exception as e:  # noqa: BLE001 - truncated or garbage: EOFError, ValueError, ...
         msg = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
         raise DatasetError(f"cannot read ground truth {path}: truncated or not a pickle ({msg})",
                            "re-run convert or download it again") from None
@@ -402,9 +403,10 @@ class ConvertReport:
         return d
 
     def summary(self) -> str:
-        lines = [f"{self.name}: {self.n_images} database images, {self.n_queries} queries -> {self.root} "
-                 f"({len(self.added)} added, {len(self.updated)} updated, {len(self.removed)} removed, "
-                 f"{self.unchanged} unchanged, {len(self.skipped)} skipped, {self.ignored} ignored)"]
+        head = (f"{self.name}: {self.n_images} database images, {self.n_queries} queries -> {self.root} "
+                f"({len(self.added)} added, {len(self.updated)} updated, {len(self.removed)} removed, "
+                f"{self.unchanged} unchanged, {len(self.skipped)} skipped, {self.ignored} ignored)")
+        lines = [head]
         for s in self.skipped:  # undecodable file names (surrogates) must not break printing
             p = s.path.encode("utf-8", "backslashreplace").decode("utf-8")
             lines.append(f"  skipped {p}: {s.reason}")
@@ -459,10 +461,10 @@ def convert(
 def _prepare_out(out: Path, name: str, src: Path, origin: str, replace: bool) -> dict[str, Any] | None:
     """Create the output folder; return the previous sources.json, refusing to overwrite foreign content."""
     meta = _read_sources(out) if out.is_dir() else None
-    if out.is_dir() and meta is None and ((out / "jpg").exists() or (out / f"gnd_{name}.pkl").exists()):
-        if out.resolve() != src:
-            raise DatasetError(f"{out} already holds a dataset that visearch did not create",
-                               "choose another --name or move that folder away")
+    foreign = out.is_dir() and meta is None and ((out / "jpg").exists() or (out / f"gnd_{name}.pkl").exists())
+    if foreign and out.resolve() != src:
+        raise DatasetError(f"{out} already holds a dataset that visearch did not create",
+                           "choose another --name or move that folder away")
     if meta is not None and meta.get("origin", "folder") != origin:
         raise DatasetError(f"dataset {name!r} was made from a {meta.get('origin')} source, not a {origin} one",
                            "choose another --name")
@@ -589,8 +591,8 @@ def _process_file(path: Path, rel: str, iid: str, prev: Source | None, jpg: Path
     except ImageError as e:
         msg = e.message
         prefix = f"{path}: "
-        return _Result(iid, path, rel, "skipped", reason=msg[len(prefix):] if msg.startswith(prefix) else msg)
-    except Exception as e:  # never abort the run on one file
+        return _Result(iid, path, rel, "skipped", reason=msg.removeprefix(prefix))
+    except Exception as e:  # noqa: BLE001 - never abort the run on one file
         return _Result(iid, path, rel, "skipped", reason=f"cannot convert ({type(e).__name__}: {e})"[:200])
     try:
         _atomic_write(jpg, payload)
@@ -802,7 +804,7 @@ def _parse_ground_truth(path: Path, src: Path, info: dict[str, Source], skipped_
             except ValueError:
                 raise DatasetError(f"ground truth {path} {where}: {p} is outside the source folder {src}",
                                    "put query and database images inside the folder being converted") from None
-        q = q[2:] if q.startswith("./") else q
+        q = q.removeprefix("./")
         q = unicodedata.normalize("NFC", q)
         if q in by_rel:
             return by_rel[q]

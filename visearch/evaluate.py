@@ -12,7 +12,8 @@ crashes (max of an empty array); here that query scores AP = 0 and P@k = 0.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 

@@ -12,8 +12,9 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, Any, Sequence, Union
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -27,7 +28,7 @@ IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
 )
 
-ImageLike = Union[str, os.PathLike, IO[bytes], Image.Image, np.ndarray]
+ImageLike = str | os.PathLike | IO[bytes] | Image.Image | np.ndarray
 
 # Pillow reads "load truncated images" from a module global; we only flip it for one load at a time.
 _TRUNCATED_LOCK = threading.Lock()
@@ -43,9 +44,9 @@ def _describe_bytes(head: bytes) -> str:
     stripped = head.lstrip().lower()
     if stripped.startswith((b"<!doctype html", b"<html", b"<head", b"<body")):
         return "looks like an HTML page (a saved web page, not the image itself)"
-    if stripped.startswith(b"<?xml") or stripped.startswith(b"<svg"):
+    if stripped.startswith((b"<?xml", b"<svg")):
         return "looks like XML/SVG text (vector images are not supported)"
-    if stripped.startswith(b"{") or stripped.startswith(b"["):
+    if stripped.startswith((b"{", b"[")):
         return "looks like JSON text"
     if head and all(32 <= c < 127 or c in (9, 10, 13) for c in head[:512]):
         return "looks like a text file"
@@ -114,7 +115,7 @@ def _open_pil(src: str | os.PathLike | IO[bytes], name: str) -> Image.Image:
                          "supported: JPEG, PNG, WebP, BMP, TIFF, GIF") from None
     except OSError as e:
         raise ImageError(f"{name}: cannot read file ({e.strerror or e})", "check the file and its permissions") from None
-    except Exception as e:  # Pillow plugins raise many types (SyntaxError, struct.error, ...) on garbage input
+    except Exception as e:  # noqa: BLE001 - Pillow plugins raise SyntaxError, struct.error, ... on garbage
         raise ImageError(f"{name}: corrupt image header ({type(e).__name__}: {_first_line(e)})",
                          "re-export or re-download the image") from None
     _check_bomb(img, name)
@@ -147,7 +148,7 @@ def _decode(img: Image.Image, name: str, allow_truncated: bool) -> None:
         raise ImageError(f"{name}: cannot decode image ({msg})", "re-export or re-download the image") from None
     except MemoryError:
         raise ImageError(f"{name}: not enough memory to decode the image", "downscale it first") from None
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {_first_line(e)})",
                          "re-export or re-download the image") from None
 
@@ -212,7 +213,7 @@ def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
         return np.asarray(img.convert("RGB"), dtype=np.uint8)
     except ImageError:
         raise
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         raise ImageError(f"{name}: cannot convert image mode {mode} to RGB ({_first_line(e)})",
                          "re-export the image as 8-bit RGB") from None
 
@@ -306,7 +307,7 @@ def _exif_transpose(img: Image.Image, name: str) -> Image.Image:
     try:
         out = ImageOps.exif_transpose(img)
         return img if out is None else out
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001
         log.warning("%s: ignoring unreadable EXIF orientation (%s)", name, _first_line(e))
         return img
 
@@ -315,7 +316,7 @@ def exif_orientation(img: Image.Image) -> int:
     """The EXIF orientation tag (1 = upright) of an open PIL image; 1 when absent or unreadable."""
     try:
         return int(img.getexif().get(0x0112, 1) or 1)
-    except Exception:
+    except Exception:  # noqa: BLE001
         return 1
 
 
@@ -396,7 +397,7 @@ class ImageFileDataset:
             return i, arr
         except ImageError as e:
             return i, str(e)
-        except Exception as e:  # never let a worker die on one file
+        except Exception as e:  # noqa: BLE001 - never let a worker die on one file
             return i, f"{self.paths[i]}: unexpected error ({type(e).__name__}: {_first_line(e)})"
 
 

@@ -15,12 +15,27 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.photos import (cropped_copy, photo_array, rescaled_copy, write_bad_corpus,  # noqa: E402
-                          write_exif_rotated_jpeg, write_photos)
-from visearch.dataset import (ConvertReport, Dataset, convert, list_datasets, load_dataset, make_id,  # noqa: E402
-                              read_gnd, validate_gnd, write_gnd)
-from visearch.errors import DatasetError, UsageError  # noqa: E402
-from visearch.images import load_rgb  # noqa: E402
+from tests.photos import (
+    cropped_copy,
+    photo_array,
+    rescaled_copy,
+    write_bad_corpus,
+    write_exif_rotated_jpeg,
+    write_photos,
+)
+from visearch.dataset import (
+    ConvertReport,
+    Dataset,
+    convert,
+    list_datasets,
+    load_dataset,
+    make_id,
+    read_gnd,
+    validate_gnd,
+    write_gnd,
+)
+from visearch.errors import DatasetError, UsageError
+from visearch.images import load_rgb
 
 
 def _by_name(rep: ConvertReport) -> dict[str, str]:

@@ -26,13 +26,13 @@ def col(*ids: int, n: int = 10) -> np.ndarray:
 
 
 def test_perfect_ranking():
-    m, aps, pr, prs = compute_map(col(0, 1), [{"ok": [0, 1], "junk": []}])
+    m, aps, pr, _ = compute_map(col(0, 1), [{"ok": [0, 1], "junk": []}])
     assert m == 1.0 and aps.tolist() == [1.0]
     assert pr.tolist() == [1.0, 1.0, 1.0]  # P@5 uses kq = min(last positive, 5) = 2
 
 
 def test_single_positive_at_third_place():
-    m, aps, pr, _ = compute_map(col(5, 6, 0), [{"ok": [0]}])
+    m, _, pr, _ = compute_map(col(5, 6, 0), [{"ok": [0]}])
     # j=0, r=2: (0/2 + 1/3) / 2
     assert m == pytest.approx(1 / 6)
     # 1-based position 3: P@1 -> kq=1, none; P@5 -> kq=3, 1/3; P@10 -> kq=3, 1/3
@@ -72,14 +72,14 @@ def test_truncated_ranking():
     ranks = np.array([[0], [1], [2]])  # top-3 only; positive 99 never retrieved
     m, *_ = compute_map(ranks, [{"ok": [0, 99]}])
     assert m == pytest.approx(0.5)  # the missing positive counts in nres
-    m, aps, pr, prs = compute_map(ranks, [{"ok": [99]}])  # the reference crashes here; we score 0
+    m, _, pr, _ = compute_map(ranks, [{"ok": [99]}])  # the reference crashes here; we score 0
     assert m == 0.0 and pr.tolist() == [0.0, 0.0, 0.0]
 
 
 def test_fraction_not_percent_and_custom_kappas():
     m, _, pr, prs = compute_map(col(3, 0), [{"ok": [0]}], kappas=[2])
     assert m == pytest.approx((0 / 1 + 1 / 2) / 2) and pr.shape == (1,) and prs.shape == (1, 1) and pr[0] == 0.5
-    m, aps, pr, prs = compute_map(col(3, 0), [{"ok": [0]}], kappas=[])
+    _, _, pr, prs = compute_map(col(3, 0), [{"ok": [0]}], kappas=[])
     assert pr.shape == (0,) and prs.shape == (1, 0)
 
 
@@ -134,7 +134,7 @@ def test_golden_against_revisitop_reference(protocol):
 def test_golden_truncated_ranking():
     z, gnd = _golden()
     top = int(z["trunc_top"])
-    m, aps, pr, prs = compute_map(z["ranks"][:top], protocol_gnd(gnd, "medium"), [1, 5, 10])
+    m, aps, _, prs = compute_map(z["ranks"][:top], protocol_gnd(gnd, "medium"), [1, 5, 10])
     assert m == float(z["trunc_medium_map"])
     assert np.array_equal(aps, z["trunc_medium_aps"], equal_nan=True)
     assert np.array_equal(prs, z["trunc_medium_prs"], equal_nan=True)

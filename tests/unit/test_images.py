@@ -12,10 +12,17 @@ import pytest
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from tests.photos import photo_array, write_bad_corpus, write_exif_rotated_jpeg  # noqa: E402
-from visearch.errors import ImageError  # noqa: E402
-from visearch.images import (IMAGE_EXTENSIONS, ImageFileDataset, collate_list, crop_box, image_size,  # noqa: E402
-                             is_image_file, load_rgb)
+from tests.photos import photo_array, write_bad_corpus, write_exif_rotated_jpeg
+from visearch.errors import ImageError
+from visearch.images import (
+    IMAGE_EXTENSIONS,
+    ImageFileDataset,
+    collate_list,
+    crop_box,
+    image_size,
+    is_image_file,
+    load_rgb,
+)
 
 
 @pytest.fixture(scope="module")
