@@ -350,6 +350,96 @@ def weights_verify(all_items: bool = typer.Option(False, "--all", help="Also lis
         raise typer.Exit(1)
 
 
+# ---- bench ----------------------------------------------------------------------------------------------------------
+# A sub-app whose callback is the default command: `visearch bench --dataset X` benchmarks models,
+# `visearch bench scale` measures search cost against N (the callback then does nothing).
+bench_app = typer.Typer(add_completion=False, no_args_is_help=False,
+                        help="Benchmark models on a dataset (`bench --dataset NAME`), or search cost (`bench scale`).")
+app.add_typer(bench_app, name="bench")
+
+
+def _write_json_result(obj: dict, dest: Optional[str]) -> None:
+    if dest == "-":
+        _out(json.dumps(obj, indent=1))
+    elif dest:
+        Path(dest).write_text(json.dumps(obj, indent=1) + "\n", encoding="utf-8")
+        _info(f"wrote {dest}")
+
+
+@bench_app.callback(invoke_without_command=True)
+def bench(
+    ctx: typer.Context,
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset to benchmark on (required)."),
+    models_: str = typer.Option("lite", "--models", "-m", help="Comma-separated model names."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint (one model only)."),
+    detector: Optional[str] = typer.Option(None, "--detector", help="gdino, gdino-cloud, tiles or none [none]."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Detector prompt for the query runs."),
+    max_boxes: int = typer.Option(5, "--max-boxes", min=0, help="Crops from the detector (plus the whole image)."),
+    queries: int = typer.Option(20, "--queries", "-n", min=1, help="Timed queries (after the warm-up)."),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="Untimed warm-up queries and extraction batches."),
+    sample: int = typer.Option(32, "--sample", min=1, help="Database images for the extraction-speed sample."),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="Images per forward pass (as in extract)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    no_eval: bool = typer.Option(False, "--no-eval", help="Skip mAP even when the dataset has ground truth."),
+    no_extract: bool = typer.Option(False, "--no-extract",
+                                    help="Do not fill a missing or incomplete store (fail instead)."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the JSON result to this file (- = stdout)."),
+    compare_path: Optional[Path] = typer.Option(None, "--compare", help="Earlier --json result: print ratios."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch [torch default]."),
+) -> None:
+    """Load time, extraction speed, per-stage query latency, peak memory, bytes per image and mAP, per model."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from . import bench as bench_mod
+
+    if not dataset:
+        raise UsageError("bench needs --dataset NAME", "or run `visearch bench scale` for synthetic search cost")
+    old = None
+    if compare_path is not None:
+        try:
+            old = json.loads(compare_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read {compare_path} as a bench JSON result ({str(e).splitlines()[0][:120]})",
+                             "pass a file written by `visearch bench --json FILE`") from None
+    result = bench_mod.run(dataset, models_.split(","), data_dir=state.data_dir, weights_dir=state.weights_dir,
+                           weights=weights, device=device, queries=queries, warmup=warmup, sample=sample,
+                           batch_size=batch_size, detector=detector, prompt=prompt, max_boxes=max_boxes,
+                           evaluate=not no_eval, extract=not no_extract, threads=threads, quiet=state.quiet)
+    cmp = bench_mod.compare(result, old) if old is not None else None
+    if cmp is not None:
+        result["compare"] = cmp
+    if json_path != "-":
+        console = _console()
+        for t in bench_mod.tables(result):
+            console.print(t)
+        if cmp is not None:
+            console.print(bench_mod.compare_table(cmp))
+    _write_json_result(result, json_path)
+
+
+@bench_app.command("scale")
+def bench_scale(
+    sizes: str = typer.Option("10k,100k,1M", "--sizes", help="Numbers of stored descriptors, e.g. 10k,100k,1M."),
+    dim: int = typer.Option(2048, "--dim", min=1, help="Descriptor dimension (float16)."),
+    queries: int = typer.Option(6, "--queries", min=1, help="Query crops searched together (one query's crops)."),
+    top_k: int = typer.Option(100, "--top-k", "-k", min=1, help="Shortlist length."),
+    reps: int = typer.Option(3, "--reps", min=1, help="Timed repetitions per size (median reported)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    faiss: bool = typer.Option(True, "--faiss/--no-faiss", help="Compare with FAISS IndexFlatIP when installed."),
+    faiss_max_gb: float = typer.Option(2.0, "--faiss-max-gb", help="Largest float32 FAISS index to build."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and FAISS."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the JSON result to this file (- = stdout)."),
+) -> None:
+    """Exact top-k search time against collection size on synthetic descriptors (and FAISS flat if installed)."""
+    from . import bench as bench_mod
+
+    res = bench_mod.scale(bench_mod.parse_sizes(sizes), dim=dim, nq=queries, k=top_k, reps=reps, device=device,
+                          faiss=faiss, faiss_max_gb=faiss_max_gb, threads=threads)
+    if json_path != "-":
+        _console().print(bench_mod.scale_table(res))
+    _write_json_result(res, json_path)
+
+
 def main() -> None:
     """Entry point: map library errors to one-line messages and exit codes, never a traceback."""
     try:
