@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,16 @@ from .models.base import Features, LocalField
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 REBUILD_HINT = "run `visearch extract ... --rebuild` to rebuild it"
+
+
+def _max_open_files() -> int:
+    """Shard files kept open per Store: half the open-file limit (256 on macOS, 1024 on Linux by default), at least
+    64. A big collection has thousands of shards; past the cap the least recently used is closed (shards are
+    immutable, so reopening one is always safe), which costs a reopen per shard per search pass."""
+    import resource
+
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return max(64, (soft if soft != resource.RLIM_INFINITY else 1 << 20) // 2)
 
 
 def store_path(data_dir: str | Path, dataset: str, model: str) -> Path:
@@ -67,6 +78,7 @@ class _Shard:
     rows: int
     bytes: int
     dead: list[int]
+    uid: str | None = None  # also stored in the file: a shard replaced by another file is caught (older stores: None)
 
 
 class Store:
@@ -81,6 +93,7 @@ class Store:
         self.local_fields = {k: LocalField(tuple(v["shape"]), v["dtype"]) for k, v in manifest["local_fields"].items()}
         self._offsets = np.cumsum([0] + [s.rows for s in self.shards])
         self._files: dict[str, h5py.File] = {}
+        self._max_open = _max_open_files()
         self._ids: list[str] | None = None
         self._live: np.ndarray | None = None
 
@@ -123,7 +136,10 @@ class Store:
         if version != SCHEMA_VERSION:
             raise StoreError(f"store {path} has schema version {version}, this visearch reads {SCHEMA_VERSION}",
                              REBUILD_HINT)
-        store = cls(path, manifest)
+        try:
+            store = cls(path, manifest)
+        except (KeyError, TypeError, ValueError, AttributeError):  # valid JSON, wrong structure
+            raise StoreError(f"store manifest {mpath} is corrupt", REBUILD_HINT) from None
         if check_files:
             store.check()
         return store
@@ -138,16 +154,35 @@ class Store:
                 raise StoreError(f"store file {f} is truncated or changed ({f.stat().st_size} bytes, "
                                  f"expected {s.bytes})", REBUILD_HINT)
             try:
-                n = self._file(s.file)["global"].shape[0]
+                h5 = self._file(s.file)
+                n = h5["global"].shape[0]
+                uid = h5.attrs.get("uid")
             except (OSError, KeyError) as e:
                 raise StoreError(f"store file {f} is corrupt ({str(e).splitlines()[0][:120]})", REBUILD_HINT) from None
             if n != s.rows:
                 raise StoreError(f"store file {f} holds {n} rows, manifest says {s.rows}", REBUILD_HINT)
+            if s.uid is not None and uid != s.uid:
+                raise StoreError(f"store file {f} is not the shard the manifest lists (replaced or restored from "
+                                 "another copy)", REBUILD_HINT)
 
     def _file(self, name: str) -> h5py.File:
-        if name not in self._files:
-            self._files[name] = h5py.File(self.path / name, "r")
-        return self._files[name]
+        """The open shard `name`; at most `_max_open_files()` stay open (least recently used closed first)."""
+        f = self._files.pop(name, None)
+        if f is None:
+            while len(self._files) >= self._max_open:
+                with contextlib.suppress(Exception):
+                    self._files.pop(next(iter(self._files))).close()
+            f = h5py.File(self.path / name, "r")
+        self._files[name] = f  # re-inserted last: dicts keep insertion order
+        return f
+
+    def _read(self, name: str, key: str, sel: Any) -> np.ndarray:
+        """`file[key][sel]`, a checksum or I/O failure (bit rot, a bad disk) raised as StoreError."""
+        try:
+            return self._file(name)[key][sel]
+        except OSError as e:
+            raise StoreError(f"store file {self.path / name} is corrupt, reading {key} failed "
+                             f"({str(e).splitlines()[0][:120]})", REBUILD_HINT) from None
 
     def close(self) -> None:
         for f in self._files.values():
@@ -219,9 +254,8 @@ class Store:
     def iter_global(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
         """Yield (first row, block `[n, D]` in the stored dtype), never more than `chunk_rows` rows at once."""
         for off, s in zip(self._offsets, self.shards):
-            ds = self._file(s.file)["global"]
             for a in range(0, s.rows, chunk_rows):
-                yield int(off + a), ds[a:min(a + chunk_rows, s.rows)]
+                yield int(off + a), self._read(s.file, "global", slice(a, min(a + chunk_rows, s.rows)))
 
     def _gather(self, rows: np.ndarray, key: str) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -233,7 +267,7 @@ class Store:
             sel = np.nonzero(shard_of == si)[0]
             local = rows[sel] - self._offsets[si]
             uniq, inverse = np.unique(local, return_inverse=True)  # h5py wants increasing unique indices
-            block = self._file(self.shards[si].file)[key][uniq][inverse]
+            block = self._read(self.shards[si].file, key, uniq)[inverse]
             if out is None:
                 out = np.empty((rows.size,) + block.shape[1:], block.dtype)
             out[sel] = block
@@ -275,6 +309,13 @@ class StoreWriter:
         except BlockingIOError:
             self._lock.close()
             raise StoreError(f"another process is writing to {self.path}", "wait for it to finish") from None
+        # another writer may have committed since `store` was opened: work from the current manifest, or its shards
+        # would be dropped from ours and deleted as leftovers
+        try:
+            self.store = Store.open(self.path, check_files=False)
+        except BaseException:
+            self.close()
+            raise
         self._clean_temp_files()
 
     def _clean_temp_files(self) -> None:
@@ -309,20 +350,24 @@ class StoreWriter:
         if not np.isfinite(g).all():
             raise StoreError("model produced non-finite descriptors; refusing to store them")
         name = self._next_name()
+        uid = secrets.token_hex(8)
         tmp = self.path / f"{name}.tmp"
         try:
             with h5py.File(tmp, "w") as f:
                 f.attrs["schema_version"] = SCHEMA_VERSION
+                f.attrs["uid"] = uid
                 f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
                 f.create_dataset("fingerprints", data=np.array(fingerprints or [""] * len(ids), dtype=object),
                                  dtype=h5py.string_dtype("utf-8"))
-                f.create_dataset("global", data=g.astype(st.dtype), chunks=(min(len(ids), 1024), st.dim))
+                # fletcher32: a checksum per chunk, so bit rot fails the read instead of returning wrong numbers
+                f.create_dataset("global", data=g.astype(st.dtype), chunks=(min(len(ids), 1024), st.dim),
+                                 fletcher32=True)
                 for k, spec in st.local_fields.items():
                     arr = np.asarray((features.local or {})[k], dtype=spec.dtype)
                     if arr.shape != (len(ids),) + spec.shape:
                         raise StoreError(f"local field {k!r} has shape {arr.shape}, "
                                          f"expected {(len(ids),) + spec.shape}")
-                    f.create_dataset(f"local/{k}", data=arr, chunks=(1,) + spec.shape)
+                    f.create_dataset(f"local/{k}", data=arr, chunks=(1,) + spec.shape, fletcher32=True)
             with open(tmp, "rb+") as fh:
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path / name)
@@ -333,7 +378,7 @@ class StoreWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        shard = {"file": name, "rows": len(ids), "bytes": (self.path / name).stat().st_size, "dead": []}
+        shard = {"file": name, "rows": len(ids), "bytes": (self.path / name).stat().st_size, "dead": [], "uid": uid}
         self._publish(st.manifest["shards"] + [shard])
 
     def tombstone(self, rows: list[int]) -> None:
