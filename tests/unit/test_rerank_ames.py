@@ -8,6 +8,8 @@ float32 noise could flip a bit (see shared/reference/ames.md).
 """
 from __future__ import annotations
 
+import functools
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +59,7 @@ def make_descriptors(variant: str, state: dict[str, torch.Tensor], n: int, lengt
     raise AssertionError("could not draw descriptors away from edges")
 
 
+@functools.lru_cache(maxsize=None)
 def make_pairs(variant: str) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
     """Random weights and B pairs with padding; padding rows hold large finite garbage."""
     state = random_state(variant, WEIGHT_SEED[variant])
@@ -75,11 +78,17 @@ def make_pairs(variant: str) -> tuple[dict[str, torch.Tensor], dict[str, np.ndar
     return state, {"q": q, "qm": qm, "d": d, "dm": dm}
 
 
+@functools.lru_cache(maxsize=None)
+def _cached_model(variant: str) -> AMES:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"ames_{variant}.pt"
+        torch.save({"state": random_state(variant, WEIGHT_SEED[variant])}, path)
+        return AMES.from_checkpoint(path, variant)
+
+
 def _model(variant: str, tmp_path: Path) -> AMES:
-    state = random_state(variant, WEIGHT_SEED[variant])
-    path = tmp_path / f"ames_{variant}.pt"
-    torch.save({"state": state}, path)
-    return AMES.from_checkpoint(path, variant)
+    """The model loaded through from_checkpoint from an official-format file (built once per variant)."""
+    return _cached_model(variant)
 
 
 @pytest.fixture(scope="module")
