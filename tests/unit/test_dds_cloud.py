@@ -43,13 +43,15 @@ class FakeDDS:
                 pass
 
             def _answer(self, queue, default):
-                status, body, delay = queue.pop(0) if queue else (200, default, 0.0)
+                status, body, delay, *extra = queue.pop(0) if queue else (200, default, 0.0)
                 if delay:
                     time.sleep(delay)
                 raw = (json.dumps(body) if body is not None else "<html>bad gateway</html>").encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(raw)))
+                for k, v in (extra[0] if extra else {}).items():
+                    self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(raw)
 
@@ -194,18 +196,10 @@ def test_retries_on_5xx_429_and_busy_code_with_same_idempotency_key(fake, sleeps
 
 
 def test_retry_after_is_honoured_but_capped(fake, sleeps):
-    fake.create = [(429, {"code": 429, "msg": "rate"}, 0)]
-    det = _det(fake, sleeps, max_backoff=0.5)
-    orig = det._session.request
-
-    def with_header(*a, **kw):
-        r = orig(*a, **kw)
-        if r.status_code == 429:
-            r.headers["Retry-After"] = "30"
-        return r
-    det._session.request = with_header
-    det.detect(_img(), "bag")
-    assert sleeps == [0.5]
+    fake.create = [(429, {"code": 429, "msg": "rate"}, 0, {"Retry-After": "30"}),
+                   (503, {"code": 503, "msg": "x"}, 0, {"Retry-After": "0.2"})]
+    _det(fake, sleeps, max_backoff=0.5).detect(_img(), "bag")
+    assert sleeps == [0.5, 0.2]
 
 
 def test_retries_exhausted(fake, sleeps):
@@ -242,6 +236,15 @@ def test_auth_errors(fake, sleeps, status):
     e = _raises(lambda: _det(fake, sleeps).detect(_img(), "bag"), f"refused the API token \\(HTTP {status}")
     assert "***" in e.message and "VISEARCH_GDINO_TOKEN" in e.hint
     assert len(fake.requests) == 1 and sleeps == []
+
+
+def test_redirect_is_not_followed(fake, sleeps):
+    # a redirect would make requests send the custom Token header to another host: refused, not followed
+    fake.create = [(307, {"code": 0}, 0, {"Location": "https://user:pw@evil.example.com/steal?x=1"})]
+    e = _raises(lambda: _det(fake, sleeps).detect(_img(), "bag"),
+                "redirects \\(HTTP 307\\) to https://evil.example.com;")
+    assert "pw" not in e.message and "steal" not in e.message
+    assert len(fake.requests) == 1
 
 
 def test_out_of_quota(fake, sleeps):

@@ -184,7 +184,9 @@ class CloudDetector(Detector):
         req = self._requests
         where = _display_endpoint(self.endpoint)
         try:
-            r = self._session.request(method, url, headers=headers, json=body, timeout=self.timeout)
+            # no redirects: requests would forward the custom Token header to whatever host a redirect names
+            r = self._session.request(method, url, headers=headers, json=body, timeout=self.timeout,
+                                      allow_redirects=False)
         except req.Timeout:
             raise _Retry(f"no answer from {where} within {self.timeout:g} s") from None
         except req.ConnectionError:
@@ -202,6 +204,10 @@ class CloudDetector(Detector):
         if status in (401, 403):
             raise self._fail(f"the cloud detector refused the API token (HTTP {status}{': ' + msg if msg else ''})",
                              f"check the token in --token-file or {TOKEN_ENV}")
+        if 300 <= status < 400:
+            to = _display_endpoint(r.headers.get("Location", "")) if r.headers.get("Location") else "elsewhere"
+            raise self._fail(f"the cloud endpoint {where} redirects (HTTP {status}) to {to}; the token is not "
+                             "sent there", "give the final URL with --endpoint / " + ENDPOINT_ENV)
         if status == 429 or status >= 500:
             raise _Retry(f"HTTP {status} from {where}", _retry_after(r.headers.get("Retry-After")))
         if status >= 400:
