@@ -7,7 +7,7 @@ python benchmarks/make_demo.py "$DEMO"
 set -x
 visearch convert "$DEMO/photos" --name demo --ground-truth "$DEMO/ground_truth.json"
 visearch extract demo --model lite
-visearch query "$DEMO/queries/coffee-crop.jpg" "$DEMO/queries/rocket-small.jpg" --dataset demo --top-k 3
-visearch query "$DEMO/queries/chelsea-small.jpg" --dataset demo --top-k 3 --json
-ls "$DEMO"/queries/*-crop.jpg | visearch query - --dataset demo --top-k 1 --paths
+visearch query "$DEMO/photos/queries/coffee-crop.jpg" "$DEMO/photos/queries/rocket-small.jpg" --dataset demo --top-k 3
+visearch query "$DEMO/photos/queries/chelsea-small.jpg" --dataset demo --top-k 3 --json
+ls "$DEMO"/photos/queries/*-crop.jpg | visearch query - --dataset demo --top-k 1 --paths
 visearch eval demo --model lite

@@ -33,12 +33,15 @@ def store_identity(describer) -> dict[str, Any]:
 
 # ---- convert --------------------------------------------------------------------------------------------------------
 def convert(source: str | Path, name: str, data_dir: str | Path | None = None,
-            ground_truth: str | Path | None = None, quiet: bool = True):
-    """Folder of images (or a revisitop dataset folder) -> `<data_dir>/<name>` in revisitop layout."""
+            ground_truth: str | Path | None = None, replace: bool = False, quiet: bool = True):
+    """Folder of images (or a revisitop dataset folder) -> `<data_dir>/<name>` in revisitop layout.
+
+    `replace` allows converting a different source folder into an existing dataset name."""
     from . import dataset, progress
 
     with progress.task(f"convert {name}", None, quiet) as advance:
-        return dataset.convert(source, _data_dir(data_dir), name, ground_truth=ground_truth, progress=advance)
+        return dataset.convert(source, _data_dir(data_dir), name, ground_truth=ground_truth, progress=advance,
+                               on_total=advance.set_total, replace=replace)
 
 
 # ---- extract --------------------------------------------------------------------------------------------------------
@@ -199,56 +202,26 @@ def _flush(writer, ids: list[str], parts: list[Any], fingerprints: dict[str, str
 
 def _decoded_batches(ds, batches: list[list[str]], workers: int | None):
     """Yield (ids, arrays or None, errors) per planned batch, decoding in worker processes when worthwhile."""
-    from .images import load_rgb
+    from .images import ImageFileDataset, collate_list
 
-    n = sum(len(b) for b in batches)
+    items = ImageFileDataset([ds.image_path(i) for b in batches for i in b], **ds.load_options())
+    n = len(items)
     if workers is None:
         workers = 0 if n < 32 else min(4, max(1, (os.cpu_count() or 2) - 1))
-    if workers == 0:
-        for b in batches:
-            arrays, errors = [], []
-            for i in b:
-                try:
-                    arrays.append(load_rgb(ds.image_path(i)))
-                except ImageError as e:
-                    arrays.append(None)
-                    errors.append((i, e.message))
-            yield b, arrays, errors
-        return
-    import torch.utils.data as tud
-
-    loader = tud.DataLoader(_DecodeDataset([ds.image_path(i) for b in batches for i in b]),
-                            batch_sampler=_index_batches(batches), num_workers=workers, collate_fn=list)
-    for b, items in zip(batches, loader):
-        arrays = [a if isinstance(a, np.ndarray) else None for a in items]
-        errors = [(i, a) for i, a in zip(b, items) if isinstance(a, str)]
-        yield b, arrays, errors
-
-
-def _index_batches(batches: list[list[str]]) -> list[list[int]]:
-    out, k = [], 0
+    index_batches, k = [], 0
     for b in batches:
-        out.append(list(range(k, k + len(b))))
+        index_batches.append(list(range(k, k + len(b))))
         k += len(b)
-    return out
+    if workers == 0:
+        decoded = ([items[i] for i in ib] for ib in index_batches)
+    else:
+        import torch.utils.data as tud
 
-
-class _DecodeDataset:
-    """Decodes one file per item in a DataLoader worker; errors come back as strings instead of exceptions."""
-
-    def __init__(self, paths: list[Path]):
-        self.paths = paths
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, i: int):
-        from .images import load_rgb
-
-        try:
-            return load_rgb(self.paths[i])
-        except ImageError as e:
-            return e.message
+        decoded = tud.DataLoader(items, batch_sampler=index_batches, num_workers=workers, collate_fn=collate_list)
+    for b, got in zip(batches, decoded):
+        arrays = [a if isinstance(a, np.ndarray) else None for _, a in got]
+        errors = [(i, a) for i, (_, a) in zip(b, got) if isinstance(a, str)]
+        yield b, arrays, errors
 
 
 # ---- query ----------------------------------------------------------------------------------------------------------
@@ -371,7 +344,7 @@ def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = No
     global_ranks, reranked_ranks = [], []
     with progress.task(f"eval {dataset} [{s.model}]", len(ds.qimlist), quiet, unit="query") as advance:
         for qi in range(len(ds.qimlist)):
-            img = load_rgb(ds.query_path(qi))
+            img = load_rgb(ds.query_path(qi), **ds.load_options())
             bbx = ds.gnd[qi].get("bbx")
             if bbx is not None:
                 img = crop_box(img, bbx)

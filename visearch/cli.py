@@ -68,17 +68,17 @@ def convert(
     source: Path = typer.Argument(..., help="Folder of images (recursive), or a revisitop dataset folder."),
     name: str = typer.Option(..., "--name", "-n", help="Dataset name (folder under the data dir)."),
     ground_truth: Optional[Path] = typer.Option(None, "--ground-truth", help="CSV or JSON ground truth for eval."),
+    replace: bool = typer.Option(False, "--replace", help="Allow a different source folder for an existing name."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Turn a folder of images into a revisitop-layout dataset (re-run to add new images only)."""
     from . import api
 
-    rep = api.convert(source, name, state.data_dir, ground_truth=ground_truth, quiet=state.quiet)
-    d = rep.as_dict() if hasattr(rep, "as_dict") else dict(vars(rep))
+    rep = api.convert(source, name, state.data_dir, ground_truth=ground_truth, replace=replace, quiet=state.quiet)
     if json_out:
-        _out(json.dumps(d, default=str))
+        _out(json.dumps(rep.as_dict(), default=str))
         return
-    _out(rep.summary() if hasattr(rep, "summary") else str(d))
+    _out(rep.summary())
 
 
 # ---- extract --------------------------------------------------------------------------------------------------------
@@ -242,7 +242,9 @@ def eval_(
     for proto in ("easy", "medium", "hard"):
         row = [proto]
         for _, res in cols:
-            row += [f"{res[proto][k]:.2f}" for k in ("map", "mp@1", "mp@5", "mp@10")]
+            # None: no query has positives under this protocol (e.g. no "hard" images in the ground truth)
+            vals = res.get(proto) or {}
+            row += ["-" if vals.get(k) is None else f"{vals[k]:.2f}" for k in ("map", "mp@1", "mp@5", "mp@10")]
         t.add_row(*row)
     _console().print(t)
 

@@ -7,9 +7,14 @@ from typing import Callable, Iterator
 
 @contextlib.contextmanager
 def task(description: str, total: int | None, quiet: bool = True, unit: str = "img") -> Iterator[Callable[[int], None]]:
-    """Yield `advance(n)`. Shows `description [bar] done/total  N unit/s  ETA` on stderr unless quiet."""
+    """Yield `advance(n)`. Shows `description [bar] done/total  N unit/s  ETA` on stderr unless quiet.
+
+    `advance` also has `.set_total(n)` for work whose size is known only once it starts."""
     if quiet:
-        yield lambda n=1: None
+        def advance(n: int = 1) -> None:
+            pass
+        advance.set_total = lambda n: None
+        yield advance
         return
     from rich.console import Console
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
@@ -25,4 +30,8 @@ def task(description: str, total: int | None, quiet: bool = True, unit: str = "i
                Rate(""), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn()]
     with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
         tid = bar.add_task(description, total=total)
-        yield lambda n=1: bar.advance(tid, n)
+
+        def advance(n: int = 1) -> None:
+            bar.advance(tid, n)
+        advance.set_total = lambda n: bar.update(tid, total=n)
+        yield advance

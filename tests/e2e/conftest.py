@@ -1,7 +1,5 @@
 """End-to-end fixtures: a small collection of real photos, converted and described once per session with the real
 CLI in subprocesses."""
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -10,23 +8,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from tests.clitools import run  # noqa: E402
 from tests.photos import cropped_copy, rescaled_copy, write_photos  # noqa: E402
-
-VISEARCH = [sys.executable, "-m", "visearch.cli"]
-
-
-def run(*args, data_dir=None, input=None, env=None, check=True, timeout=300):
-    """Run the real CLI; returns CompletedProcess with text stdout/stderr."""
-    cmd = list(VISEARCH)
-    if data_dir is not None:
-        cmd += ["--data-dir", str(data_dir)]
-    cmd += [str(a) for a in args]
-    full_env = dict(os.environ, VISEARCH_WEIGHTS_DIR=str(ROOT / "weights"), **(env or {}))
-    p = subprocess.run(cmd, input=input, capture_output=True, text=True, env=full_env, timeout=timeout)
-    if check and p.returncode != 0:
-        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
-    return p
-
 
 @pytest.fixture(scope="session")
 def collection(tmp_path_factory):

@@ -1,7 +1,7 @@
 """The real CLI in subprocesses on real photos: convert -> extract -> query, output formats and bad input."""
 import json
 
-from .conftest import run
+from tests.clitools import run
 
 
 def test_rescaled_and_cropped_copies_find_their_source_at_rank_1(collection):

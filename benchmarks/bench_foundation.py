@@ -1,0 +1,104 @@
+"""Foundation figures on the demo collection: extraction images/s, per-query latency (median over >= 20 warm
+queries, per stage) and CLI start-up time (`visearch --help`, median of 10 runs).
+
+    python benchmarks/bench_foundation.py                  # builds the demo in a temp dir unless demo/data has it
+    python benchmarks/bench_foundation.py --data-dir demo/data --json foundation.json
+
+The demo collection is benchmarks/make_demo.py's photos (scikit-image's bundled photos, 14 images) with its
+rescaled and cropped query copies placed inside the converted folder (queries/), each query's source as positive.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def build_demo(root: Path) -> Path:
+    """Write the demo photos and queries under root/photos, convert them to dataset `demo`; returns the data dir."""
+    from make_demo import GROUPS, QUERIES
+
+    from tests.photos import cropped_copy, rescaled_copy, write_photos
+    from visearch import api
+
+    photos: dict[str, Path] = {}
+    for group, names in GROUPS.items():
+        photos.update(write_photos(root / "photos" / group, names))
+    qdir = root / "photos" / "queries"
+    qdir.mkdir(parents=True, exist_ok=True)
+    gt = []
+    for n in QUERIES:
+        rel = photos[n].relative_to(root / "photos").as_posix()
+        rescaled_copy(photos[n], qdir / f"{n}-small.jpg", 0.6)
+        cropped_copy(photos[n], qdir / f"{n}-crop.jpg", (0.15, 0.1, 0.85, 0.9))
+        gt += [{"image": f"queries/{n}-small.jpg", "positives": [rel]},
+               {"image": f"queries/{n}-crop.jpg", "positives": [rel]}]
+    (root / "ground_truth.json").write_text(json.dumps({"queries": gt}, indent=1))
+    data = root / "data"
+    api.convert(root / "photos", "demo", data, ground_truth=root / "ground_truth.json")
+    return data
+
+
+def cli_startup_s(runs: int = 10) -> tuple[float, list[float]]:
+    """Median wall time of `visearch --help` (the console script beside this Python, else `python -m`)."""
+    script = Path(sys.executable).parent / "visearch"
+    cmd = [str(script), "--help"] if script.exists() else [sys.executable, "-m", "visearch.cli", "--help"]
+    subprocess.run(cmd, capture_output=True, check=True)  # warm-up: page cache, .pyc files
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, capture_output=True, check=True)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-dir", type=Path, help="a data dir holding dataset `demo` [demo/data if present]")
+    ap.add_argument("--queries", type=int, default=24, help="timed queries (>= 20), after 2 warm-up queries")
+    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (this machine: 2 cores)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", dest="json_path", help="also write the full bench result as JSON")
+    a = ap.parse_args()
+
+    from rich.console import Console
+
+    from visearch import bench
+
+    console = Console(width=140)
+    with tempfile.TemporaryDirectory(prefix="visearch-demo-") as tmp:
+        data = a.data_dir
+        if data is None and (ROOT / "demo" / "data" / "demo" / "gnd_demo.pkl").is_file():
+            data = ROOT / "demo" / "data"
+        if data is None:
+            data = build_demo(Path(tmp))
+        os.environ.setdefault("VISEARCH_DATA_DIR", str(data))
+        res = bench.run("demo", ["lite"], data_dir=data, device=a.device, queries=max(20, a.queries), warmup=2,
+                        sample=64, threads=a.threads)
+    startup, runs = cli_startup_s(10)
+    res["cli_startup_s"] = {"median": round(startup, 4), "runs": [round(t, 4) for t in runs]}
+    lite = res["models"]["lite"]
+    q = lite["query_ms"]
+    for t in bench.tables(res):
+        console.print(t)
+    console.print(f"extraction: {lite['extract_images_per_s']:.2f} images/s "
+                  f"({lite['extract_sample']['images']} images, warm-up excluded)")
+    console.print(f"query latency: median {q['total']['median']:.1f} ms, p95 {q['total']['p95']:.1f} ms over "
+                  f"{lite['queries']['n']} warm queries ({lite['queries']['crops_per_query']:.0f} crop each)")
+    console.print(f"CLI start-up (`visearch --help`): median {startup * 1000:.0f} ms over 10 runs")
+    if a.json_path:
+        Path(a.json_path).write_text(json.dumps(res, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
