@@ -606,7 +606,7 @@ def machine_line(m: dict[str, Any]) -> str:
     """One line naming the machine, for table titles and RESULTS files."""
     gpu = f", {m['gpu']} ({m.get('gpu_memory_gb')} GB)" if m.get("gpu") else ""
     return (f"{m['cpu']}, {m['cores_logical']} cores{gpu}; torch {m['torch']}, CUDA {m['cuda'] or '-'}, "
-            f"{m['torch_threads']} threads; device {m['device']}")
+            f"{m['torch_threads']} thread{'s' if m['torch_threads'] != 1 else ''}; device {m['device']}")
 
 
 def tables(result: dict[str, Any]) -> list[Any]:
@@ -617,7 +617,7 @@ def tables(result: dict[str, Any]) -> list[Any]:
     head = (f"bench {result['dataset']}: {d['images']} images, {d['queries']} queries; "
             f"{machine_line(result['machine'])}")
     t = Table(title="per model (query ms: median / p95 over the timed queries)", title_justify="left")
-    for c in ("model", "load s", "img/s", "query ms", "RAM MB", "GPU MB", "B/img glob", "B/img local", "GB/1M"):
+    for c in ("model", "load s", "img/s", "query ms", "RAM MB", "GPU MB", "B/img glob", "B/img local", "GB/1M desc"):
         t.add_column(c, justify="left" if c == "model" else "right")
     stage_t = Table(title="query latency per stage, ms", title_justify="left")
     for c in ("model", "stat") + STAGES + ("crops",):
