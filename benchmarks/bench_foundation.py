@@ -4,8 +4,8 @@ queries, per stage) and CLI start-up time (`visearch --help`, median of 10 runs)
     python benchmarks/bench_foundation.py                  # builds the demo in a temp dir unless demo/data has it
     python benchmarks/bench_foundation.py --data-dir demo/data --json foundation.json
 
-The demo collection is benchmarks/make_demo.py's photos (scikit-image's bundled photos, 14 images) with its
-rescaled and cropped query copies placed inside the converted folder (queries/), each query's source as positive.
+The demo collection is benchmarks/make_demo.py's (`make demo`): 14 of scikit-image's bundled photos and 12 rescaled
+or cropped query copies, each query's source as its positive.
 """
 from __future__ import annotations
 
@@ -25,25 +25,13 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def build_demo(root: Path) -> Path:
-    """Write the demo photos and queries under root/photos, convert them to dataset `demo`; returns the data dir."""
-    from make_demo import GROUPS, QUERIES
+    """Write the demo collection (benchmarks/make_demo.py) under root and convert it to dataset `demo`; returns the
+    data dir."""
+    from make_demo import build
 
-    from tests.photos import cropped_copy, rescaled_copy, write_photos
     from visearch import api
 
-    photos: dict[str, Path] = {}
-    for group, names in GROUPS.items():
-        photos.update(write_photos(root / "photos" / group, names))
-    qdir = root / "photos" / "queries"
-    qdir.mkdir(parents=True, exist_ok=True)
-    gt = []
-    for n in QUERIES:
-        rel = photos[n].relative_to(root / "photos").as_posix()
-        rescaled_copy(photos[n], qdir / f"{n}-small.jpg", 0.6)
-        cropped_copy(photos[n], qdir / f"{n}-crop.jpg", (0.15, 0.1, 0.85, 0.9))
-        gt += [{"image": f"queries/{n}-small.jpg", "positives": [rel]},
-               {"image": f"queries/{n}-crop.jpg", "positives": [rel]}]
-    (root / "ground_truth.json").write_text(json.dumps({"queries": gt}, indent=1))
+    build(root)
     data = root / "data"
     api.convert(root / "photos", "demo", data, ground_truth=root / "ground_truth.json")
     return data
