@@ -248,7 +248,7 @@ class Searcher:
                              f"add images and run `visearch extract {dataset} --model {self.model}`")
         self.reranker = load_reranker(self.describer.config, wdir, device) if rerank else None
         self.detector_name = detector or "none"
-        self.detector = load_detector(self.detector_name, weights_dir=wdir, **(detector_options or {}))
+        self.detector = load_detector(self.detector_name, weights_dir=wdir, device=device, **(detector_options or {}))
         self.sources = self.dataset.sources
 
     def source_of(self, image_id: str) -> str:
@@ -288,7 +288,7 @@ class Searcher:
         boxes = self.detector.detect(img, prompt) if self.detector_name != "none" else []
         crops = select_crops(boxes, (img.shape[1], img.shape[0]), max_boxes=max_boxes)
         t1 = t()
-        feats = self.describer.extract([crop(img, b) for b in crops])
+        feats = self.describe_queries([crop(img, b) for b in crops])
         t2 = t()
         stages: dict[str, float] = {}
         rows, sims = self.search_features(feats, top_k, timings=stages)
@@ -348,7 +348,7 @@ def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = No
             bbx = ds.gnd[qi].get("bbx")
             if bbx is not None:
                 img = crop_box(img, bbx)
-            feats = s.describer.extract([img])
+            feats = s.describe_queries([img])
             rows, _ = s.search_features(feats, n, rerank=False)
             global_ranks.append(row_to_pos[rows[0]])
             if s.reranker is not None and rerank:

@@ -40,7 +40,7 @@ def _out(text: str) -> None:
 def _console(stderr: bool = False):
     from rich.console import Console
 
-    return Console(stderr=stderr, highlight=False)
+    return Console(stderr=stderr, highlight=False, markup=False)  # paths may contain [brackets]
 
 
 def _info(msg: str) -> None:
