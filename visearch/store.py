@@ -353,7 +353,9 @@ class StoreWriter:
         uid = secrets.token_hex(8)
         tmp = self.path / f"{name}.tmp"
         try:
-            with h5py.File(tmp, "w") as f:
+            # built in memory, then written with plain file I/O: HDF5 itself never meets a full disk (it then spews
+            # errors from destructors and can crash the process at exit), and ENOSPC becomes one clean OSError
+            with h5py.File(f"{name}-in-memory", "w", driver="core", backing_store=False) as f:
                 f.attrs["schema_version"] = SCHEMA_VERSION
                 f.attrs["uid"] = uid
                 f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
@@ -368,12 +370,16 @@ class StoreWriter:
                         raise StoreError(f"local field {k!r} has shape {arr.shape}, "
                                          f"expected {(len(ids),) + spec.shape}")
                     f.create_dataset(f"local/{k}", data=arr, chunks=(1,) + spec.shape, fletcher32=True)
-            with open(tmp, "rb+") as fh:
+                f.flush()
+                image = f.id.get_file_image()
+            with open(tmp, "wb") as fh:
+                fh.write(image)
+                fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, self.path / name)
         except OSError as e:
             tmp.unlink(missing_ok=True)
-            raise StoreError(f"cannot write to {self.path}: {e.strerror or e}",
+            raise StoreError(f"cannot write to {self.path}: {e.strerror or str(e).splitlines()[0]}",
                              "free disk space and re-run; everything written before is intact") from None
         except BaseException:
             tmp.unlink(missing_ok=True)
