@@ -254,6 +254,11 @@ class Searcher:
     def source_of(self, image_id: str) -> str:
         return str(self.sources.get(image_id) or self.dataset.image_path(image_id))
 
+    def describe_queries(self, images: list[np.ndarray]):
+        """Features of query crops; a model may describe queries differently from database images (AMES float keeps
+        query tokens in float32 while the database side is rounded through float16, as the reference does)."""
+        return getattr(self.describer, "extract_query", self.describer.extract)(images)
+
     def search_features(self, feats, k: int, rerank: bool = True, timings: dict[str, float] | None = None):
         """Global search (and rerank) for already described crops: returns rows, scores `[nq, k']`.
 
