@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .config import default_data_dir, default_weights_dir, load_model_config
-from .errors import DatasetError, ImageError, StoreError, UsageError
+from .config import default_data_dir, default_weights_dir
+from .errors import DatasetError, StoreError, UsageError
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,7 @@ sys.path.insert(0, str(ROOT))
 from tests.clitools import run  # noqa: E402
 from tests.photos import cropped_copy, rescaled_copy, write_photos  # noqa: E402
 
+
 @pytest.fixture(scope="session")
 def collection(tmp_path_factory):
     """Photos in two sub-folders (with one file name used twice) and query copies (rescaled / cropped)."""
