@@ -382,10 +382,10 @@ def run(dataset: str, models: Sequence[str] = ("lite",), *, data_dir: str | Path
         except UsageError:
             raise
         except VisearchError as e:  # missing weights, a model that cannot run: report and go on
-            log.warning("bench: %s skipped: %s", m, e)
+            log.info("bench: %s skipped: %s", m, e)
             result["models"][m] = {"skipped": f"{type(e).__name__}: {e}"}
         except ImportError as e:  # the model's module (or an optional dependency of it) is not installed
-            log.warning("bench: %s skipped: %s", m, e)
+            log.info("bench: %s skipped: %s", m, e)
             result["models"][m] = {"skipped": f"not available in this install ({e})"}
     return result
 
@@ -616,8 +616,9 @@ def tables(result: dict[str, Any]) -> list[Any]:
     d = result["dataset_info"]
     head = (f"bench {result['dataset']}: {d['images']} images, {d['queries']} queries; "
             f"{machine_line(result['machine'])}")
-    t = Table(title="per model (query ms: median / p95 over the timed queries)", title_justify="left")
-    for c in ("model", "load s", "img/s", "query ms", "RAM MB", "GPU MB", "B/img glob", "B/img local", "GB/1M desc"):
+    t = Table(title="per model (query: median and p95 over the timed queries; B/img: global, local; GB for 1M "
+                    "images' descriptors)", title_justify="left")
+    for c in ("model", "load s", "img/s", "query ms", "p95 ms", "RAM MB", "GPU MB", "B/img G", "B/img L", "GB/1M"):
         t.add_column(c, justify="left" if c == "model" else "right")
     stage_t = Table(title="query latency per stage, ms", title_justify="left")
     for c in ("model", "stat") + STAGES + ("crops",):
@@ -633,7 +634,7 @@ def tables(result: dict[str, Any]) -> list[Any]:
         q = r["query_ms"]
         proj = r["projected_1m_gb"]
         t.add_row(name, _f(r["load_s"], 2), _f(r["extract_images_per_s"], 2),
-                  f"{_f(q['total']['median'], 1)} / {_f(q['total']['p95'], 1)}", _f(r["peak_ram_mb"], 0),
+                  _f(q["total"]["median"], 1), _f(q["total"]["p95"], 1), _f(r["peak_ram_mb"], 0),
                   _f(r["peak_gpu_mb"], 0), _f(r["bytes_per_image"]["global"], 0),
                   _f(r["bytes_per_image"]["local"], 0), _f(proj["global"] + proj["local"], 2))
         for stat in ("median", "p95"):
@@ -663,6 +664,8 @@ def compare_table(cmp: dict[str, Any]) -> Any:
             # the table keeps the headline figures; every figure is in the JSON ("compare")
             if key.startswith(("mp.", "decode_")) or (key.startswith("query_ms.") and key.endswith(".p95")
                                                        and key != "query_ms.total.p95"):
+                continue
+            if max(abs(r["old"]), abs(r["new"])) < 0.01:  # e.g. 0.001 ms of an absent stage: noise
                 continue
             mark = "" if r["better"] is None else ("better" if r["better"] else "worse")
             t.add_row(m, key, f"{r['old']:,.3f}", f"{r['new']:,.3f}",
