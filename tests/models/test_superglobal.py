@@ -220,5 +220,8 @@ def test_relup_quirks_and_s3_preact(ckpt):
         assert pre.shape == (1, 1024, 6, 6) and pre.min().item() < 0  # before the activation
         post = net.s3(net.s2(net.s1(net.stem(x))))
         torch.testing.assert_close(pre.clamp(min=0.014), post)
+        unfused = CVNetResNet(50, relup=True)  # build() folds BN into the convs: same function
+        load_cvnet_state(unfused, ckpt[50])
+        torch.testing.assert_close(unfused.forward_s4(x), net.forward_s4(x), atol=1e-5, rtol=1e-4)
     plain = CVNetResNet(50, relup=False)
     assert all(m.out_alpha == 0.0 and m.f.inner_alpha == 0.0 for m in plain.modules() if hasattr(m, "out_alpha"))

@@ -159,3 +159,21 @@ def test_build_from_config():
     rr = build(cfg, Path("."), torch.device("cpu"))
     assert (rr.M, rr.K, rr.beta, rr.shortlist_size) == (100, 9, 0.2, 100)
     assert isinstance(load_reranker(load_model_config("superglobal"), device="cpu"), SuperGlobalReranker)
+
+
+def test_neighbour_selection_equals_stable_sort_with_ties():
+    from visearch.rerankers.superglobal import _top_neighbours
+
+    g = torch.from_numpy(np.random.default_rng(3).integers(0, 4, (2, 30, 30)).astype(np.float32))  # many ties
+    vals, idx = _top_neighbours(g, 10)
+    v_ref, i_ref = torch.sort(g, dim=-1, descending=True, stable=True)
+    assert torch.equal(vals, v_ref[..., :10]) and torch.equal(idx, i_ref[..., :10])
+
+
+def test_duplicates_in_database(data):
+    """Exact duplicates (common in real collections) give a valid, deterministic ranking."""
+    q, x, _ = data
+    xd = np.concatenate([x[:200], x[:200]])
+    a, b = rerank(q[:2], xd, M=300), rerank(q[:2], xd, M=300, batch_size=1)
+    np.testing.assert_array_equal(a, b)
+    assert all(sorted(r) == list(range(400)) for r in a)

@@ -152,6 +152,26 @@ class CVNetResNet(nn.Module):
 
     forward = forward_s4
 
+    def fuse_batchnorm(self) -> CVNetResNet:
+        """Fold every BatchNorm into the conv before it (inference only; call after loading weights).
+
+        Same function, fewer passes over memory: about 10-20% faster on CPU; descriptors move by float32 rounding
+        (~1e-7). The state_dict no longer matches the checkpoint layout afterwards."""
+        from torch.nn.utils import fuse_conv_bn_eval
+
+        self.eval()
+        pairs = [(self.stem, "conv", "bn")]
+        for m in self.modules():
+            if isinstance(m, _Bottleneck):
+                pairs += [(m, "a", "a_bn"), (m, "b", "b_bn"), (m, "c", "c_bn")]
+            elif isinstance(m, _Block) and m.proj is not None:
+                pairs.append((m, "proj", "bn"))
+        for mod, conv, bn in pairs:
+            if isinstance(getattr(mod, bn), nn.BatchNorm2d):
+                setattr(mod, conv, fuse_conv_bn_eval(getattr(mod, conv), getattr(mod, bn)))
+                setattr(mod, bn, nn.Identity())
+        return self
+
 
 def _blocks_in(keys: set[str], stage: int) -> int:
     """Number of blocks of stage `stage` present in a set of (prefix-free) keys."""

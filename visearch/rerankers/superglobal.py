@@ -8,7 +8,7 @@ For a query q and its cosine shortlist S (top M, best first):
   3. q' = element-wise max of d over the K+1 best by s1; final score (s1_i + q'.d_i) / 2; order by it.
 Items past M keep their cosine order. Same arithmetic as the reference; where it sorts ties arbitrarily (unstable
 argsort on CUDA) we sort stably, so ties keep the earlier item first. The reference builds an nq x M x (K+1) x D
-tensor for all queries at once; here memory is O(batch x M x M + batch x M x D) (about 7 MB per query at M = 400).
+tensor for all queries at once; here memory is O(batch x M x (M + D)) (about 4 MB per query at M = 400).
 """
 from __future__ import annotations
 
@@ -24,38 +24,69 @@ from .base import Reranker, Shortlist
 log = logging.getLogger(__name__)
 
 
+def _top_neighbours(gram, k1: int):
+    """The k1 largest entries of each row of `gram` `[b, m, m]`, best first, exactly as a stable descending sort
+    would give them (equal values keep the lower index first), at the cost of a top-k instead of a full sort."""
+    import torch
+
+    m = gram.shape[-1]
+    vals, idx = torch.topk(gram, min(k1 + 1, m), dim=-1)
+    if m > k1:
+        tie = vals[..., k1 - 1] == vals[..., k1]  # which equal values make the cut is up to topk: sort those rows
+        vals, idx = vals[..., :k1].contiguous(), idx[..., :k1].contiguous()
+        if bool(tie.any()):
+            v2, i2 = torch.sort(gram[tie], dim=-1, descending=True, stable=True)
+            vals[tie], idx[tie] = v2[..., :k1], i2[..., :k1]
+    idx, perm = torch.sort(idx, dim=-1)  # index order first, then a stable sort by value: ties by index
+    vals = torch.gather(vals, -1, perm)
+    vals, perm = torch.sort(vals, dim=-1, descending=True, stable=True)
+    return vals, torch.gather(idx, -1, perm)
+
+
 def _refine(q, xs, K: int, beta: float):
     """Core of SuperGlobal's refinement for a batch of queries.
 
     q `[b, D]`, xs `[b, m, D]` (shortlist descriptors, best cosine first). Returns (order `[b, m]` int64 positions
-    into the shortlist, best first; scores `[b, m]` float32 final scores in that order)."""
+    into the shortlist, best first; scores `[b, m]` float32 final scores in that order).
+
+    The refined descriptors d_i = sum_j w_ij x_j / sum_j w_ij enter the scores only through dot products, so by
+    linearity q.d_i = sum_j w_ij (q.x_j) / sum_j w_ij: d is materialised only for the K+1 items that build q'. Same
+    function as the reference (which forms all d_i), equal up to float32 rounding; the cost is the Gram matrix."""
     import torch
 
     b, m, _ = xs.shape
     k1 = min(K + 1, m)  # K neighbours plus the item itself, fewer when the shortlist is shorter
     gram = torch.bmm(xs, xs.transpose(1, 2))  # [b, m, m]
-    vals, nn = torch.sort(gram, dim=-1, descending=True, stable=True)
-    vals, nn = vals[..., :k1], nn[..., :k1]  # [b, m, k1]
+    vals, nn = _top_neighbours(gram, k1)  # [b, m, k1]
     w = vals * beta
     w[..., 0] = 1.0  # the first neighbour (normally the item itself) weighs 1
-    # Refined descriptors as a sparse-weight matrix product: W[i, nn[i, j]] = w[i, j]; d = W @ xs / sum(w).
-    wmat = torch.zeros(b, m, m, dtype=xs.dtype, device=xs.device).scatter_add_(2, nn, w)
-    d = torch.bmm(wmat, xs) / w.sum(-1, keepdim=True)  # [b, m, D]
-    s1 = torch.bmm(d, q.unsqueeze(-1)).squeeze(-1)  # [b, m]
+    wsum = w.sum(-1)  # [b, m]
+
+    def refined_dot(v):
+        """v `[b, m]` = y.x_j for a vector y -> y.d_i `[b, m]`."""
+        return (torch.gather(v.unsqueeze(1).expand(b, m, m), 2, nn) * w).sum(-1) / wsum
+
+    s1 = refined_dot(torch.bmm(xs, q.unsqueeze(-1)).squeeze(-1))  # q.d_i
     s1_sorted, order1 = torch.sort(s1, dim=-1, descending=True, stable=True)
-    d_sorted = torch.gather(d, 1, order1.unsqueeze(-1).expand(-1, -1, d.shape[-1]))  # [b, m, D] by s1
-    q_ext = d_sorted[:, :k1].amax(dim=1)  # [b, D]: max over the K+1 best refined items (query not included)
-    s2 = torch.bmm(d_sorted, q_ext.unsqueeze(-1)).squeeze(-1)
-    final = (s1_sorted + s2) / 2.0  # [b, m] in s1 order, so ties resolve by s1 rank as in the reference
+    # d of the K+1 best items by s1: [b, k1, D]; q' is their element-wise max (the query itself is not included)
+    top = order1[:, :k1]
+    nn_top = torch.gather(nn, 1, top.unsqueeze(-1).expand(b, k1, k1))  # [b, k1, k1]
+    w_top = torch.gather(w, 1, top.unsqueeze(-1).expand(b, k1, k1))
+    x_nb = torch.gather(xs, 1, nn_top.reshape(b, k1 * k1, 1).expand(-1, -1, xs.shape[-1]))
+    d_top = (x_nb.view(b, k1, k1, -1) * w_top.unsqueeze(-1)).sum(2) / torch.gather(wsum, 1, top).unsqueeze(-1)
+    q_ext = d_top.amax(dim=1)  # [b, D]
+    s2 = refined_dot(torch.bmm(xs, q_ext.unsqueeze(-1)).squeeze(-1))  # q'.d_i
+    final = (s1_sorted + torch.gather(s2, 1, order1)) / 2.0  # in s1 order, so ties resolve by s1 rank as the ref
     scores, order2 = torch.sort(final, dim=-1, descending=True, stable=True)
     return torch.gather(order1, 1, order2), scores
 
 
 def rerank(query: np.ndarray, database: np.ndarray, M: int = 400, K: int = 9, beta: float = 0.15,
-           device: Any = "cpu", batch_size: int = 8) -> np.ndarray:
+           device: Any = "cpu", batch_size: int = 8, search_batch: int = 64) -> np.ndarray:
     """Rank the whole database for each query: SuperGlobal refinement of the cosine top-M, then the rest in cosine
     order. query `[nq, D]`, database `[N, D]` (L2-normalised float). Returns database indices `[nq, N]` int64, best
-    first. Works for N < M (refines all N). `batch_size` queries are processed together."""
+    first. Works for N < M (refines all N). Cosines are computed for `search_batch` queries at a time (one pass
+    over the database each), the refinement for `batch_size` at a time."""
     import torch
 
     q_all = np.asarray(query, dtype=np.float32)
@@ -72,13 +103,13 @@ def rerank(query: np.ndarray, database: np.ndarray, M: int = 400, K: int = 9, be
     x = torch.from_numpy(x_np).to(device)
     m = min(M, n)
     with torch.inference_mode():
-        for start in range(0, q_all.shape[0], batch_size):
-            q = torch.from_numpy(q_all[start:start + batch_size]).to(device)
-            sims = q @ x.T  # [b, N]
-            ranks = torch.sort(sims, dim=-1, descending=True, stable=True)[1]  # [b, N]
-            short = ranks[:, :m]
-            order, _ = _refine(q, x[short], K, beta)  # x[short]: [b, m, D]
-            ranks[:, :m] = torch.gather(short, 1, order)
+        for start in range(0, q_all.shape[0], search_batch):
+            q = torch.from_numpy(q_all[start:start + search_batch]).to(device)
+            ranks = torch.sort(q @ x.T, dim=-1, descending=True, stable=True)[1]  # [b, N] cosine order
+            for s in range(0, q.shape[0], batch_size):  # refinement in smaller batches: [b', M, M + D] floats
+                short = ranks[s:s + batch_size, :m]
+                order, _ = _refine(q[s:s + batch_size], x[short], K, beta)  # x[short]: [b', m, D]
+                ranks[s:s + batch_size, :m] = torch.gather(short, 1, order)
             out[start:start + q.shape[0]] = ranks.cpu().numpy()
     return out
 
