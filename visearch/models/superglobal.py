@@ -115,8 +115,8 @@ class SuperGlobal(Describer):
         if min(h, w) < self.min_side:
             f = self.min_side / min(h, w)
             size = (max(self.min_side, int(np.ceil(h * f))), max(self.min_side, int(np.ceil(w * f))))
-            log.info("image of %dx%d px is below SuperGlobal's minimum (short side %d at scales %s): upsampled to %dx%d",
-                     w, h, self.min_side, self.scales, size[1], size[0])
+            log.info("image of %dx%d px is below SuperGlobal's minimum (short side %d at scales %s): "
+                     "upsampled to %dx%d", w, h, self.min_side, self.scales, size[1], size[0])
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
         return x
 
