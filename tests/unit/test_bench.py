@@ -110,7 +110,7 @@ def test_scale_small_sets_all_backends(tmp_path):
     for r in (small, big):
         assert r["exact_ms"] > 0 and r["exact_ms_per_query"] == pytest.approx(r["exact_ms"] / 3, abs=1e-3)
     assert small["bytes_fp16"] == 600 * 32 * 2
-    assert small["data"] == "distinct rows in memory" and big["data"].startswith("one 512-row block streamed 6")
+    assert small["data_kind"] == "in RAM" and big["data"].startswith("one 512-row block streamed 6")
     assert small["store_ms"] > 0 and small["store_bytes_per_image"] >= 64  # 64 B of fp16 descriptor per row
     assert big["store_ms"] is None
     try:
