@@ -139,6 +139,8 @@ class SuperGlobal(Describer):
     def _describe_batch(self, x: torch.Tensor) -> torch.Tensor:
         """`[B, 3, H, W]` -> `[B, 2048]`: per-scale L2, max over scales, final L2."""
         h, w = x.shape[-2:]
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
         best = None
         for s in self.scales:
             # Quirk kept on purpose: the 2023 reference resized with torchvision's old default antialias=False
