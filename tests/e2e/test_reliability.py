@@ -120,7 +120,7 @@ def test_extract_killed_at_random_points_resumes_to_the_identical_store(col, tmp
     shutil.copytree(col["data"], data)
     store, clean = data / STORE, col["snap"]
     kills = []
-    for mode in ("after_commit", "in_shard_write", "random_time", "after_commit", "in_shard_write"):
+    for mode in ("after_commit", "in_shard_write", "random_time", "after_commit"):
         p = popen("-q", "extract", "col", "--batch-size", "2", data=data, env=SMALL_SHARDS)
         if not _kill_at(p, store, mode, rng, col["seconds"]):
             assert p.returncode == 0, p.stderr.read()
