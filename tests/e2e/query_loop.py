@@ -1,10 +1,10 @@
 """A query loop in its own process, for the concurrency test: `python query_loop.py DATA DATASET IMAGE STOPFILE`.
 
-Loads the (fast) lite model once, prints {"ready": true, "query": descriptor}, then until STOPFILE exists: opens the dataset and its store afresh
-(api.Searcher, as every `visearch query` does) and queries IMAGE for every stored image, printing one JSON line per
-answer: {"rows": len(store), "shards": n, "results": [[id, score], ...]} or {"error": one-line message} for a
-StoreError (before the first shard is committed the store does not exist yet). Any other exception is a crash: it is
-printed as {"crash": traceback} and the loop exits 1.
+Loads the (fast) lite model once, prints {"ready": true, "query": descriptor}, then until STOPFILE exists: opens
+the dataset and its store afresh (api.Searcher, as every `visearch query` does) and queries IMAGE for every stored
+image, printing one JSON line per answer: {"rows": len(store), "shards": n, "results": [[id, score], ...]}, or
+{"error": one-line message} for a StoreError (before the first shard is committed the store does not exist yet).
+Any other exception is a crash: it is printed as {"crash": traceback} and the loop exits 1.
 """
 import json
 import sys
@@ -15,15 +15,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import fast_cli  # puts the repository on sys.path
 
-fast_cli.install()
-
-from visearch import api
-from visearch.errors import StoreError
-from visearch.images import load_rgb
-from visearch.registry import load_model
-
 
 def main() -> int:
+    fast_cli.install()  # before visearch's api and registry are used
+    from visearch import api
+    from visearch.errors import StoreError
+    from visearch.images import load_rgb
+    from visearch.registry import load_model
+
     data, dataset, image, stop = sys.argv[1], sys.argv[2], sys.argv[3], Path(sys.argv[4])
     describer = load_model("lite", device="cpu")
     q = describer.extract([load_rgb(image)]).global_[0]  # [D], to check every score against the final store
