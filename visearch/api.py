@@ -103,14 +103,12 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
 
     New images are described, deleted ones tombstoned, changed ones (new size or mtime) tombstoned and re-described.
     Work is committed in shards of about `shard_rows` images, so a killed run resumes where it stopped."""
-    import shutil
-
     from PIL import Image
 
     from . import progress
     from .dataset import load_dataset
     from .registry import load_model
-    from .store import Store, StoreWriter, store_path
+    from .store import Store, StoreWriter, remove_store, store_path
 
     t0 = time.perf_counter()
     shard_rows = shard_rows or int(os.environ.get("VISEARCH_SHARD_ROWS", "512"))
@@ -119,8 +117,8 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
     describer = describer or load_model(model, weights=weights, weights_dir=_weights_dir(weights_dir), device=device)
     spath = store_path(ddir, dataset, describer.name)
     identity = store_identity(describer)
-    if rebuild and spath.exists():
-        shutil.rmtree(spath)
+    if rebuild:
+        remove_store(spath)  # refused while another extract writes there
     try:
         store = Store.open(spath)
     except StoreError:

@@ -50,6 +50,29 @@ def store_path(data_dir: str | Path, dataset: str, model: str) -> Path:
     return Path(data_dir) / dataset / "features" / model
 
 
+def remove_store(path: str | Path) -> None:
+    """Delete a store (for `extract --rebuild`) under the writer lock, so a running writer is never pulled from under
+    its feet (it would go on writing beside the rebuild); the lock file itself stays."""
+    import shutil
+
+    path = Path(path)
+    if not path.is_dir():
+        return
+    with open(path / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StoreError(f"another process is writing to {path}", "wait for it to finish, then rebuild") from None
+        (path / MANIFEST).unlink(missing_ok=True)  # first: from now on readers see no store, not missing shards
+        for p in path.iterdir():
+            if p.name == ".lock":
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
