@@ -22,7 +22,7 @@ from PIL import Image
 
 from tests.e2e.fast_cli import cli, cli_env, popen
 from tests.photos import PHOTO_NAMES, photo_array
-from visearch.store import MANIFEST, Store
+from visearch.store import MANIFEST, Store, StoreWriter
 
 STORE = Path("col") / "features" / "lite"
 SMALL_SHARDS = {"VISEARCH_SHARD_ROWS": "2"}
@@ -175,6 +175,19 @@ def test_damaged_store_is_refused_and_rebuild_repairs_it(col, tmp_path):
     (store / MANIFEST).write_text('{"schema_version": 1, "shards": [')  # torn manifest (e.g. copied mid-write)
     _one_line_error(cli("-q", "query", query, "--dataset", "col", data=data, check=False),
                     "corrupt", "manifest.json", "--rebuild")
+
+
+def test_rebuild_while_another_extract_is_writing_is_refused(col, tmp_path):
+    """`extract --rebuild` used to delete the folder under a running extraction (which then went on writing beside
+    the rebuild: two writers, shard files overwriting each other). It must wait its turn like any writer."""
+    data = tmp_path / "data"
+    shutil.copytree(col["clean"], data)
+    store = data / STORE
+    with StoreWriter(Store.open(store)):  # a running extraction holds the writer lock
+        p = cli("-q", "extract", "col", "--rebuild", data=data, check=False)
+    _one_line_error(p, "another process is writing")
+    snap = Snapshot(store)  # nothing was deleted
+    assert snap.ids == col["snap"].ids and snap.desc.tobytes() == col["snap"].desc.tobytes()
 
 
 # ---- 3. incremental collections ------------------------------------------------------------------------------------
