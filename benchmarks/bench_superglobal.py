@@ -5,9 +5,9 @@
 
 The reference column needs a checkout of github.com/ShihaoShao-GH/SuperGlobal (its `model/` and `modules/`
 folders) given by --reference or $SUPERGLOBAL_REF; it is imported from there at run time, never copied. Without
---weights a random checkpoint in the official format is written to a temporary folder. Times are the median of
---reps runs after one warm-up; CPU seconds (process time, all threads) are printed beside wall seconds because a
-shared machine inflates wall time.
+--weights a random checkpoint in the official format is written to a temporary folder. Extraction times are the
+minimum over --reps rounds in which ours and the reference take turns (after a warm-up); other times the median.
+CPU seconds (process time, all threads) are printed beside wall seconds because a shared machine inflates wall time.
 """
 from __future__ import annotations
 
@@ -43,6 +43,24 @@ def timed(fn, reps: int, device: torch.device) -> tuple[float, float]:
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
     return statistics.median(walls), statistics.median(cpus)
+
+
+def interleaved(fns: dict, reps: int, device: torch.device) -> dict[str, tuple[float, float]]:
+    """Minimum (wall s, CPU s) per variant over `reps` rounds, the variants taking turns within each round, so a
+    shared machine's changing load affects them alike."""
+    best = {k: (float("inf"), float("inf")) for k in fns}
+    for f in fns.values():
+        f()  # warm-up
+    for _ in range(reps):
+        for k, f in fns.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            w, c = time.perf_counter(), time.process_time()
+            f()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best[k] = (min(best[k][0], time.perf_counter() - w), min(best[k][1], time.process_time() - c))
+    return best
 
 
 def synthetic_images(count: int, w: int, h: int, seed: int = 0) -> list[np.ndarray]:
@@ -111,21 +129,21 @@ def bench_extraction(args, weights: Path, device: torch.device, ref: Reference |
     ours = build(cfg, weights, Path("."), device)
     print(f"\n## Extraction, R{args.depth}, 3 scales, {args.count} images {w}x{h}, device {device}, "
           f"{torch.get_num_threads()} threads")
-    wall, cpu = timed(lambda: [ours.extract([im]) for im in images], args.reps, device)
-    print(f"ours, one image per call      : {wall / len(images) * 1e3:9.1f} ms/image wall, "
-          f"{cpu / len(images) * 1e3:9.1f} ms/image CPU")
-    wall_b, cpu_b = timed(lambda: ours.extract(images), args.reps, device)
-    print(f"ours, batched (equal sizes)   : {wall_b / len(images) * 1e3:9.1f} ms/image wall, "
-          f"{cpu_b / len(images) * 1e3:9.1f} ms/image CPU")
+    variants = {"ours, one image per call": lambda: [ours.extract([im]) for im in images],
+                "ours, batched (equal sizes)": lambda: ours.extract(images)}
     if ref is not None and device.type == "cpu":
-        rw, rc = timed(lambda: [ref.describe(im) for im in images], args.reps, device)
-        print(f"reference, batch size 1       : {rw / len(images) * 1e3:9.1f} ms/image wall, "
-              f"{rc / len(images) * 1e3:9.1f} ms/image CPU")
-        print(f"ratio ours/reference          : {wall / rw:9.2f} wall, {cpu / rc:9.2f} CPU (one per call); "
-              f"{wall_b / rw:.2f} wall batched")
+        variants["reference, batch size 1"] = lambda: [ref.describe(im) for im in images]
+    t = interleaved(variants, args.reps, device)
+    for name, (wall, cpu) in t.items():
+        print(f"{name:30s}: {wall / len(images) * 1e3:9.1f} ms/image wall, {cpu / len(images) * 1e3:9.1f} ms/image CPU")
+    if ref is not None and device.type == "cpu":
+        (w1, c1), (wb, cb), (rw, rc) = t.values()
+        print(f"ratio ours/reference          : {w1 / rw:9.2f} wall, {c1 / rc:9.2f} CPU one per call; "
+              f"{wb / rw:.2f} wall, {cb / rc:.2f} CPU batched")
         a = ours.extract(images).global_
         b = np.concatenate([ref.describe(im) for im in images])
         print(f"max |ours - reference| per element on these images: {np.abs(a - b).max():.2e}")
+    wall_b = t["ours, batched (equal sizes)"][0]
     if device.type == "cuda":
         base = ours.extract(images).global_
         print(f"fp32 throughput (batched)     : {len(images) / wall_b:9.1f} images/s")
