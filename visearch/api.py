@@ -174,6 +174,7 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
                     pending_ids, pending = [], []
             if pending_ids:
                 _flush(writer, pending_ids, pending, fingerprints)
+        writer.compact()
     report.seconds = time.perf_counter() - t0
     return report
 

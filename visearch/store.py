@@ -146,8 +146,22 @@ class Store:
 
     @classmethod
     def open(cls, path: str | Path, check_files: bool = True) -> "Store":
-        """Open a store read-only; a missing, truncated or corrupt store raises StoreError with a way out."""
-        path = Path(path)
+        """Open a store read-only; a missing, truncated or corrupt store raises StoreError with a way out.
+
+        Opening holds every shard open, so a compaction that deletes replaced shards later cannot pull files from
+        under this reader; a shard deleted between reading the manifest and opening it means a newer manifest is
+        in place, so that is read again."""
+        for attempt in range(3):
+            try:
+                return cls._open_once(Path(path), check_files)
+            except StoreError as e:
+                if attempt == 2 or "is missing" not in e.message:
+                    raise
+                time.sleep(0.05)
+        raise AssertionError("unreachable")
+
+    @classmethod
+    def _open_once(cls, path: Path, check_files: bool) -> "Store":
         mpath = path / MANIFEST
         if not mpath.is_file():
             raise StoreError(f"no descriptors at {path}", "run `visearch extract` for this dataset and model first")
@@ -275,10 +289,29 @@ class Store:
         return int(self.live.sum())
 
     def iter_global(self, chunk_rows: int = 65536) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (first row, block `[n, D]` in the stored dtype), never more than `chunk_rows` rows at once."""
+        """Yield (first row, block `[n, D]` in the stored dtype), never more than `chunk_rows` rows at once.
+
+        Consecutive small shards are read into one block, so a store of many small shards is still searched in a
+        few large matrix products."""
+        parts: list[np.ndarray] = []
+        start = n = 0
         for off, s in zip(self._offsets, self.shards):
             for a in range(0, s.rows, chunk_rows):
-                yield int(off + a), self._read(s.file, "global", slice(a, min(a + chunk_rows, s.rows)))
+                b = min(a + chunk_rows, s.rows)
+                if n + (b - a) > chunk_rows and parts:
+                    yield start, np.concatenate(parts) if len(parts) > 1 else parts[0]
+                    parts, n = [], 0
+                if not parts:
+                    start = int(off + a)
+                parts.append(self._read(s.file, "global", slice(a, b)))
+                n += b - a
+        if parts:
+            yield start, np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+    def row_bytes(self) -> int:
+        """Bytes of one row's arrays (global and local), before HDF5 overhead."""
+        local = sum(int(np.prod(f.shape)) * np.dtype(f.dtype).itemsize for f in self.local_fields.values())
+        return self.dim * self.dtype.itemsize + local
 
     def _gather(self, rows: np.ndarray, key: str) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64).reshape(-1)
@@ -358,8 +391,8 @@ class StoreWriter:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def _next_name(self) -> str:
-        used = [int(s.file[6:11]) for s in self.store.shards]
+    def _next_name(self, extra: list[dict[str, Any]] = ()) -> str:
+        used = [int(s.file[6:11]) for s in self.store.shards] + [int(s["file"][6:11]) for s in extra]
         return f"shard-{(max(used) + 1) if used else 0:05d}.h5"
 
     def append(self, ids: list[str], features: Features, fingerprints: list[str] | None = None) -> None:
@@ -372,7 +405,18 @@ class StoreWriter:
             raise StoreError(f"descriptor batch has shape {g.shape}, expected ({len(ids)}, {st.dim})")
         if not np.isfinite(g).all():
             raise StoreError("model produced non-finite descriptors; refusing to store them")
-        name = self._next_name()
+        local = {}
+        for k, spec in st.local_fields.items():
+            local[k] = np.asarray((features.local or {})[k], dtype=spec.dtype)
+            if local[k].shape != (len(ids),) + spec.shape:
+                raise StoreError(f"local field {k!r} has shape {local[k].shape}, expected {(len(ids),) + spec.shape}")
+        shard = self._write_shard(self._next_name(), ids, fingerprints or [""] * len(ids), g.astype(st.dtype), local)
+        self._publish(st.manifest["shards"] + [shard])
+
+    def _write_shard(self, name: str, ids: list[str], fingerprints: list[str], g: np.ndarray,
+                     local: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Write a complete shard file under its final name (temp file, fsync, rename); return its manifest entry."""
+        st = self.store
         uid = secrets.token_hex(8)
         tmp = self.path / f"{name}.tmp"
         try:
@@ -382,17 +426,12 @@ class StoreWriter:
                 f.attrs["schema_version"] = SCHEMA_VERSION
                 f.attrs["uid"] = uid
                 f.create_dataset("ids", data=np.array(ids, dtype=object), dtype=h5py.string_dtype("utf-8"))
-                f.create_dataset("fingerprints", data=np.array(fingerprints or [""] * len(ids), dtype=object),
+                f.create_dataset("fingerprints", data=np.array(fingerprints, dtype=object),
                                  dtype=h5py.string_dtype("utf-8"))
                 # fletcher32: a checksum per chunk, so bit rot fails the read instead of returning wrong numbers
-                f.create_dataset("global", data=g.astype(st.dtype), chunks=(min(len(ids), 1024), st.dim),
-                                 fletcher32=True)
+                f.create_dataset("global", data=g, chunks=(min(len(ids), 1024), st.dim), fletcher32=True)
                 for k, spec in st.local_fields.items():
-                    arr = np.asarray((features.local or {})[k], dtype=spec.dtype)
-                    if arr.shape != (len(ids),) + spec.shape:
-                        raise StoreError(f"local field {k!r} has shape {arr.shape}, "
-                                         f"expected {(len(ids),) + spec.shape}")
-                    f.create_dataset(f"local/{k}", data=arr, chunks=(1,) + spec.shape, fletcher32=True)
+                    f.create_dataset(f"local/{k}", data=local[k], chunks=(1,) + spec.shape, fletcher32=True)
                 f.flush()
                 image = f.id.get_file_image()
             with open(tmp, "wb") as fh:
@@ -407,9 +446,74 @@ class StoreWriter:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        shard = {"file": name, "rows": len(ids), "bytes": (self.path / name).stat().st_size, "dead": [], "uid": uid}
-        self._publish(st.manifest["shards"] + [shard])
+        return {"file": name, "rows": len(ids), "bytes": (self.path / name).stat().st_size, "dead": [], "uid": uid}
 
+    def compact(self, target_bytes: int = 256 << 20) -> int:
+        """Merge runs of small shards (and drop tombstoned rows) into shards of about `target_bytes`.
+
+        Extraction commits small shards often (so a crash loses little); compaction keeps a large store at a few
+        big shards, so searching it is a few large reads. Rows keep their order. Returns the number of shards
+        replaced."""
+        st = self.store
+        target = int(min(65536, max(1024, target_bytes // max(1, st.row_bytes()))))
+        shards = st.manifest["shards"]
+
+        def small(s: dict[str, Any]) -> bool:
+            return s["rows"] - len(s["dead"]) < target // 2 or bool(s["dead"])
+
+        out: list[dict[str, Any]] = []
+        replaced = 0
+        i = 0
+        while i < len(shards):
+            j = i
+            while j < len(shards) and small(shards[j]):
+                j += 1
+            run = shards[i:j]
+            if len(run) >= 2 or (run and run[0]["dead"]):
+                out += self._merge(run, target)
+                replaced += len(run)
+                i = j
+            else:
+                out.append(shards[i])
+                i += 1
+        if replaced:
+            listed = {x["file"] for x in out}
+            self._publish(out)
+            for x in shards:  # readers retry on a shard that vanished under an old manifest (see Store.open)
+                if x["file"] not in listed:
+                    (self.path / x["file"]).unlink(missing_ok=True)
+        return replaced
+
+    def _merge(self, run: list[dict[str, Any]], target: int) -> list[dict[str, Any]]:
+        """Rewrite the live rows of `run` into new shards of at most `target` rows."""
+        st = self.store
+        keys = ["ids", "fingerprints", "global"] + [f"local/{k}" for k in st.local_fields]
+        bufs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        new: list[dict[str, Any]] = []
+        n = 0
+
+        def flush() -> None:
+            nonlocal bufs, n
+            if n:
+                cat = {k: np.concatenate(v) for k, v in bufs.items()}
+                ids = [x.decode() if isinstance(x, bytes) else x for x in cat["ids"]]
+                fps = [x.decode() if isinstance(x, bytes) else x for x in cat["fingerprints"]]
+                local = {k: cat[f"local/{k}"] for k in st.local_fields}
+                new.append(self._write_shard(self._next_name(extra=new), ids, fps, cat["global"], local))
+            bufs, n = {k: [] for k in keys}, 0
+
+        for s in run:
+            keep = np.setdiff1d(np.arange(s["rows"]), np.asarray(s["dead"], dtype=np.int64))
+            for a in range(0, len(keep), target):
+                sel = keep[a:a + target]
+                if n + len(sel) > target:
+                    flush()
+                where = slice(int(sel[0]), int(sel[-1]) + 1) if not s["dead"] else sel  # slices read fastest
+                for k in keys:
+                    bufs[k].append(st._read(s["file"], k, where))
+                n += len(sel)
+        flush()
+        return new
     def tombstone(self, rows: list[int]) -> None:
         """Mark rows dead (their images were deleted or changed)."""
         if not rows:

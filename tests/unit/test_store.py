@@ -90,3 +90,36 @@ def test_one_writer_at_a_time_and_bad_batches(tmp_path):
             w.append(["a"], bad)
     assert json.loads((st.path / "manifest.json").read_text())["shards"] == []
     assert not list(st.path.glob("shard-*"))
+
+
+def test_compaction_merges_small_shards_drops_dead_rows_and_keeps_order(tmp_path):
+    st = _make(tmp_path, local=True)
+    parts = [_feats(3, i, True) for i in range(5)]
+    ids = [[f"p{i}r{j}" for j in range(3)] for i in range(5)]
+    with StoreWriter(st) as w:
+        for i, f in zip(ids, parts):
+            w.append(i, f, fingerprints=[x + "-fp" for x in i])
+        w.tombstone([4])  # p1r1
+        assert w.compact() == 5
+        assert w.compact() == 0  # nothing left to merge
+    s = Store.open(st.path)
+    expect = [x for i in ids for x in i if x != "p1r1"]
+    assert len(s.shards) == 1 and s.ids == expect and s.live.all()
+    assert s.fingerprints() == [x + "-fp" for x in expect]
+    g = np.concatenate([p.global_ for p in parts])
+    g = np.delete(g, 4, axis=0).astype(np.float16)
+    np.testing.assert_array_equal(s.read_global(np.arange(14)), g.astype(np.float32))
+    tok = np.delete(np.concatenate([p.local["tokens"] for p in parts]), 4, axis=0)
+    np.testing.assert_array_equal(s.read_local(np.arange(14))["tokens"], tok)
+    assert len(list(st.path.glob("shard-*.h5"))) == 1  # the replaced files are gone
+
+
+def test_iteration_coalesces_small_shards(tmp_path):
+    st = _make(tmp_path)
+    with StoreWriter(st) as w:
+        for i in range(6):
+            w.append([f"{i}a", f"{i}b"], _feats(2, i))
+    s = Store.open(st.path)
+    blocks = list(s.iter_global(chunk_rows=5))
+    assert [(a, len(b)) for a, b in blocks] == [(0, 4), (4, 4), (8, 4)]
+    np.testing.assert_array_equal(np.concatenate([b for _, b in blocks]), s.read_global(np.arange(12)).astype(np.float16))
