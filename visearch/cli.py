@@ -164,7 +164,7 @@ def query(
             res = searcher.query(q, prompt=prompt, top_k=top_k, max_boxes=max_boxes)
         except VisearchError as e:  # one bad query image must not stop a batch
             failures += 1
-            sys.stderr.write(f"error: {q}: {e}\n")
+            sys.stderr.write(f"error: {e}\n" if q in e.message else f"error: {q}: {e}\n")
             continue
         results.append(res)
         if json_out:

@@ -76,13 +76,22 @@ def test_bad_input_one_line_errors(collection, tmp_path):
     _fails(run("query", collection["queries"]["coffee-small"], "--dataset", "shop", "--model", "bogus",
                data_dir=data, check=False), "unknown model", "lite")
     _fails(run("extract", "shop", "--device", "cuda", data_dir=data, check=False), "cuda")
+    # bad query images in one batch: one error line each, the good query still answered, exit code 1
     text = tmp_path / "notes.jpg"
     text.write_text("hello, not an image")
-    _fails(run("query", text, "--dataset", "shop", data_dir=data, check=False), "notes.jpg")
     empty = tmp_path / "empty.jpg"
     empty.write_bytes(b"")
-    _fails(run("query", empty, "--dataset", "shop", data_dir=data, check=False), "empty.jpg")
-    _fails(run("query", tmp_path / "missing.jpg", "--dataset", "shop", data_dir=data, check=False), "missing.jpg")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(collection["queries"]["coffee-small"].read_bytes()[:700])
+    good = collection["queries"]["coffee-small"]
+    p = run("query", text, empty, tmp_path / "missing.jpg", truncated, good, "--dataset", "shop", "--paths",
+            data_dir=data, check=False)
+    assert p.returncode == 1 and "Traceback" not in p.stderr
+    errors = p.stderr.strip().splitlines()
+    assert len(errors) == 4, p.stderr
+    for line, name in zip(errors, ["notes.jpg", "empty.jpg", "missing.jpg", "cut.jpg"]):
+        assert line.startswith("error:") and name in line, line
+    assert p.stdout.splitlines()[0].endswith("coffee.jpg")
 
 
 def test_dataset_without_descriptors(collection, tmp_path):

@@ -78,20 +78,32 @@ def test_compare_table_renders_and_notes_machine_change():
     assert "load_s" in text and "0.500" in text and "better" in text and "machines differ" in text
 
 
+_PEAK_SCRIPT = """
+import numpy as np
+from visearch import bench
+big = np.ones(150 * 2**20 // 8)  # 150 MB touched before the block
+del big
+with bench.PeakMemory() as m:
+    pass
+with bench.PeakMemory() as m2:
+    x = np.ones(200 * 2**20 // 8)  # 200 MB touched inside
+    x.sum()
+    del x
+print(m.scope, m.ram_mb - m.start_ram_mb, m2.ram_mb - m2.start_ram_mb, m2.gpu_mb)
+"""
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="VmHWM reset is Linux-only")
 def test_peak_memory_sees_an_allocation_inside_the_block_only():
-    big = np.ones(150 * 2**20 // 8)  # 150 MB touched before the block
-    del big
-    with bench.PeakMemory() as m:
-        pass
-    assert m.scope == "block"
-    with bench.PeakMemory() as m2:
-        x = np.ones(200 * 2**20 // 8)  # 200 MB touched inside
-        x.sum()
-        del x
-    assert m2.ram_mb - m2.start_ram_mb > 180
-    assert m.ram_mb - m.start_ram_mb < 100  # the earlier 150 MB peak was reset
-    assert m2.gpu_mb is None
+    # a fresh process: in a long test session freed memory stays resident and a new allocation may not raise RSS
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], capture_output=True, text=True, check=True).stdout
+    scope, before, inside, gpu = out.split()
+    assert scope == "block"
+    assert float(inside) > 180
+    assert float(before) < 100  # the earlier 150 MB peak was reset
+    assert gpu == "None"
 
 
 def test_accuracy_keeps_missing_protocols_as_none():
