@@ -246,7 +246,9 @@ class AMES(nn.Module):
         d, m = self._clean(desc, mask)
         d = F.normalize(d, p=2, dim=-1)
         if self.variant == "dist":
-            return pack_signs(self.remap_local[0](d))
+            bits = pack_signs(self.remap_local[0](d))
+            bits[m.cpu().numpy()] = 0  # a zeroed row would otherwise pack to all-ones (sign of 0 counts as +1)
+            return bits
         tok = self.remap_local(d)
         tok = torch.where(m[..., None], torch.zeros((), device=tok.device), tok)
         return tok.half().cpu().numpy() if database else tok.cpu().numpy()
