@@ -25,10 +25,13 @@ def _weights_dir(weights_dir: str | Path | None) -> Path:
 
 
 def store_identity(describer) -> dict[str, Any]:
-    """What must match between a store and the model that reads it: family and describe settings (search and rerank
-    settings may change at query time without re-extracting)."""
+    """What must match between a store and the model that reads it: family, describe settings and, for models with
+    local features, the [local] settings (search and rerank settings may change at query time without re-extracting)."""
     cfg = describer.config
-    return {"family": cfg.get("family"), "describe": cfg.get("describe", {}), "store": cfg.get("store", {})}
+    out = {"family": cfg.get("family"), "describe": cfg.get("describe", {}), "store": cfg.get("store", {})}
+    if "local" in cfg:  # only then: the identity (and so the stores) of global-only models stays as it was
+        out["local"] = cfg["local"]
+    return out
 
 
 # ---- convert --------------------------------------------------------------------------------------------------------
