@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -58,8 +59,11 @@ def one_line_error(p: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="session")
 def weights_dir(tmp_path_factory) -> Path:
-    """Random official-format files for superglobal-r50/r101 and both AMES variants, written once per session."""
-    return write_weights_dir(tmp_path_factory.mktemp("published_weights"))
+    """Random official-format files for superglobal-r50/r101 and both AMES variants, written once per session (and
+    removed after it: 370 MB that pytest would otherwise keep for its last three runs)."""
+    path = write_weights_dir(tmp_path_factory.mktemp("published_weights"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 # ---- superglobal-r50 ------------------------------------------------------------------------------------------------
@@ -148,6 +152,7 @@ def test_superglobal_refuses_other_weights(sg, weights_dir, tmp_path):
     other = make_cvnet_checkpoint(tmp_path / "other_r50.pyth", 50, seed=9, reranker_keys=False)
     p = visearch("query", sg["queries"][0], "--dataset", "mini", "--model", SG, "--weights", other, "--device", "cpu",
                  data=sg["data"], weights=weights_dir, check=False)
+    other.unlink()
     msg = one_line_error(p)
     assert "other" in msg and "weights" in msg and SG in msg, msg
     assert p.stdout == ""
