@@ -73,6 +73,15 @@ def remove_store(path: str | Path) -> None:
                 p.unlink(missing_ok=True)
 
 
+def _manifest_version(path: Path) -> tuple[int, int] | None:
+    """Identity of the current manifest file: it is replaced by rename, so a new one has a new inode."""
+    try:
+        st = (path / MANIFEST).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -151,13 +160,17 @@ class Store:
         Opening holds every shard open, so a compaction that deletes replaced shards later cannot pull files from
         under this reader; a shard deleted between reading the manifest and opening it means a newer manifest is
         in place, so that is read again."""
-        for attempt in range(3):
+        path = Path(path)
+        for attempt in range(5):
+            before = _manifest_version(path)
             try:
-                return cls._open_once(Path(path), check_files)
-            except StoreError as e:
-                if attempt == 2 or "is missing" not in e.message:
+                return cls._open_once(path, check_files)
+            except StoreError:
+                # a writer replaced the manifest meanwhile (e.g. a compaction removed a shard we were about to
+                # open): read the new one; a store that fails while its manifest stands still is really damaged
+                if attempt == 4 or _manifest_version(path) == before:
                     raise
-                time.sleep(0.05)
+                time.sleep(0.02)
         raise AssertionError("unreachable")
 
     @classmethod
