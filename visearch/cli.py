@@ -111,8 +111,10 @@ def extract(
 
 
 # ---- query ----------------------------------------------------------------------------------------------------------
-def _detector_options(box_threshold, text_threshold, token_file, endpoint) -> dict:
+def _detector_options(box_threshold, text_threshold, token_file, endpoint, default_prompt=None) -> dict:
     opts = {}
+    if default_prompt is not None:
+        opts["default_prompt"] = default_prompt
     if box_threshold is not None:
         opts["box_threshold"] = box_threshold
     if text_threshold is not None:
@@ -120,6 +122,10 @@ def _detector_options(box_threshold, text_threshold, token_file, endpoint) -> di
     if token_file is not None or endpoint is not None:
         opts.update(token_file=token_file, endpoint=endpoint)
     return opts
+
+
+DEFAULT_PROMPT_HELP = ("Phrases always looked for besides --prompt (Grounding DINO) [default: 'main object . key object "
+                       ". logo'; '' for the user's prompt only].")
 
 
 @app.command()
@@ -138,6 +144,7 @@ def query(
     text_threshold: Optional[float] = typer.Option(None, "--text-threshold"),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="gdino-cloud API token file."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="gdino-cloud API endpoint."),
+    default_prompt: Optional[str] = typer.Option(None, "--default-prompt", help=DEFAULT_PROMPT_HELP),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="Global search only."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per query image."),
@@ -157,7 +164,8 @@ def query(
         _info(f"detector: {detector}")
     searcher = api.Searcher(dataset, model, state.data_dir, weights, state.weights_dir, device,
                             rerank=not no_rerank, detector=detector,
-                            detector_options=_detector_options(box_threshold, text_threshold, token_file, endpoint))
+                            detector_options=_detector_options(box_threshold, text_threshold, token_file, endpoint,
+                                                               default_prompt))
     results, failures = [], 0
     for q in qlist:
         try:
@@ -261,6 +269,7 @@ def detect(
     max_boxes: Optional[int] = typer.Option(None, "--max-boxes", min=1),
     token_file: Optional[Path] = typer.Option(None, "--token-file", help="gdino-cloud API token file."),
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="gdino-cloud API endpoint."),
+    default_prompt: Optional[str] = typer.Option(None, "--default-prompt", help=DEFAULT_PROMPT_HELP),
     json_out: bool = typer.Option(False, "--json"),
     save: Optional[Path] = typer.Option(None, "--save", help="Write the image with the boxes drawn."),
 ) -> None:
@@ -271,7 +280,7 @@ def detect(
         detector = api.default_detector(state.weights_dir)
         _info(f"detector: {detector}" + (" (no Grounding DINO weights found)" if detector == "tiles" else ""))
     name, boxes = api.detect(image, prompt, detector, state.weights_dir,
-                             **_detector_options(box_threshold, text_threshold, token_file, endpoint))
+                             **_detector_options(box_threshold, text_threshold, token_file, endpoint, default_prompt))
     boxes = sorted(boxes, key=lambda b: -(b.score or 0))[:max_boxes] if max_boxes else boxes
     if save:
         from . import render
