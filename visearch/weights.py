@@ -9,12 +9,11 @@ import json
 import logging
 import os
 import shutil
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
-
-import tomllib
 
 from .errors import UsageError, WeightsError
 

@@ -17,8 +17,16 @@ import pytest
 import torch
 
 from visearch.errors import WeightsError
-from visearch.rerankers.ames import (AMES, AMESReranker, PACKED_BYTES, combined_scores, pack_signs, random_state,
-                                     rerank, unpack_signs)
+from visearch.rerankers.ames import (
+    AMES,
+    PACKED_BYTES,
+    AMESReranker,
+    combined_scores,
+    pack_signs,
+    random_state,
+    rerank,
+    unpack_signs,
+)
 from visearch.rerankers.base import Shortlist
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError, WeightsError
-from ..rerankers.ames import AMES, CHECKPOINTS, ITQ_BITS, MODEL_DIM, PACKED_BYTES, load_ames
+from ..rerankers.ames import CHECKPOINTS, ITQ_BITS, MODEL_DIM, PACKED_BYTES, load_ames
 from .base import Describer, Features, LocalField, sha256_file
 from .resnet import CVNetResNet, load_cvnet_state
-from .superglobal import MEAN_BGR, STD_BGR, SuperGlobal
 from .superglobal import DEFAULT_DESCRIBE as SG_DEFAULTS
+from .superglobal import MEAN_BGR, STD_BGR, SuperGlobal
 
 log = logging.getLogger(__name__)
 
