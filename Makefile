@@ -16,6 +16,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
+	$(BIN)/ruff check visearch tests benchmarks
 	$(BIN)/python -m pytest -q tests
 
 lint: $(STAMP)

@@ -75,6 +75,8 @@ def convert(
     from . import api
 
     rep = api.convert(source, name, state.data_dir, ground_truth=ground_truth, replace=replace, quiet=state.quiet)
+    if rep.n_images == 0:
+        sys.stderr.write(f"warning: no usable images found in {source}\n")
     if json_out:
         _out(json.dumps(rep.as_dict(), default=str))
         return
