@@ -325,18 +325,23 @@ def _http_download(url: str, spec: WeightSpec, dest: Path, progress: Progress | 
                     raise _FinalError(f"download of {spec.name} stopped at {done} of {total} bytes",
                                        f"run the download again to resume from {part}")
             break
-        problem = _check_file(spec, part)
-        if problem:
-            part.unlink()
-            raise _FinalError(f"downloaded {spec.name} does not match the manifest: {problem}",
-                               f"nothing was kept; source {url}")
-        os.replace(part, dest)
+        _accept(spec, part, dest, f"source {url}")
     except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.HTTPError) as e:
         raise _FinalError(f"download of {spec.name} was cut off ({type(e).__name__})",
                            f"run it again to resume from {part}") from None
     finally:
         if session is None:
             sess.close()
+
+
+def _accept(spec: WeightSpec, staged: Path, dest: Path, source: str) -> None:
+    """Size/hash check of a finished download, then the atomic rename onto its final name (or delete it)."""
+    problem = _check_file(spec, staged)
+    if problem:
+        staged.unlink()
+        raise _FinalError(f"downloaded {spec.name} does not match the manifest: {problem}",
+                          f"nothing was kept; {source}")
+    os.replace(staged, dest)
 
 
 # ---- Google Drive via gdown ----------------------------------------------------------------------------------------
@@ -365,12 +370,7 @@ def _gdrive_download(spec: WeightSpec, dest: Path, progress: Progress | None) ->
     if progress is not None and "progress" in inspect.signature(gdown.download).parameters:
         kwargs["progress"] = progress  # gdown >= 6 only
     gdown.download(id=file_id, output=str(staged), **kwargs)
-    problem = _check_file(spec, staged)
-    if problem:
-        staged.unlink()
-        raise _FinalError(f"downloaded {spec.name} does not match the manifest: {problem}",
-                           f"nothing was kept; source Google Drive id {file_id}")
-    os.replace(staged, dest)
+    _accept(spec, staged, dest, f"source Google Drive id {file_id}")
 
 
 # ---- Hugging Face hub folder ---------------------------------------------------------------------------------------
