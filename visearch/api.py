@@ -278,7 +278,10 @@ class Searcher:
         t1 = time.perf_counter()
         if use_rerank:
             sl = self.reranker.rerank(feats.global_, feats.local, Shortlist(rows, sims), self.store)
-            rows, sims = sl.rows, sl.sims
+            # a reranker reorders the head of the shortlist (SuperGlobal: the first M); the tail keeps global order
+            m = sl.rows.shape[1]
+            rows = np.concatenate([sl.rows, rows[:, m:]], 1)
+            sims = np.concatenate([sl.sims, sims[:, m:]], 1)
         if timings is not None:
             timings.update(search=t1 - t0, rerank=time.perf_counter() - t1)
         return rows[:, :k], sims[:, :k]
@@ -301,7 +304,7 @@ class Searcher:
         rows, sims = self.search_features(feats, top_k, timings=stages)
         t3 = t()
         if timings is not None:
-            timings.update(detect=t1 - t0, describe=t2 - t1, search_rerank=t3 - t2, total=t3 - t0, **stages)
+            timings.update(detect=t1 - t0, describe=t2 - t1, total=t3 - t0, **stages)
         ids = self.store.ids
         out_crops, best = [], {}
         for b, r, s in zip(crops, rows, sims):
@@ -314,9 +317,7 @@ class Searcher:
             out_crops.append({"box": [round(float(v), 1) for v in b.as_list()], "label": b.label,
                               "score": None if b.score is None else round(float(b.score), 4), "results": results})
         merged = sorted(best.values(), key=lambda x: -x["score"])[:top_k]
-        for rank, m in enumerate(merged, 1):
-            m["rank"] = rank
-        merged = [{"rank": m["rank"], "id": m["id"], "path": m["path"], "score": m["score"]} for m in merged]
+        merged = [{"rank": rank, **m} for rank, m in enumerate(merged, 1)]
         return {"query": str(image) if not isinstance(image, np.ndarray) else "<array>", "model": self.model,
                 "crops": out_crops, "merged": merged}
 
