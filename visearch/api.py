@@ -266,7 +266,6 @@ class Searcher:
 
         `timings`, when given, receives `search` and `rerank` seconds (both stages end with a copy to host numpy, so
         the wall times include all device work)."""
-        from .rerankers.base import Shortlist
         from .search import search_store
 
         shortlist_k = k
@@ -277,14 +276,19 @@ class Searcher:
         rows, sims = search_store(feats.global_, self.store, shortlist_k, device=self.device)
         t1 = time.perf_counter()
         if use_rerank:
-            sl = self.reranker.rerank(feats.global_, feats.local, Shortlist(rows, sims), self.store)
-            # a reranker reorders the head of the shortlist (SuperGlobal: the first M); the tail keeps global order
-            m = sl.rows.shape[1]
-            rows = np.concatenate([sl.rows, rows[:, m:]], 1)
-            sims = np.concatenate([sl.sims, sims[:, m:]], 1)
+            rows, sims = self.rerank_shortlist(feats, rows, sims)
         if timings is not None:
             timings.update(search=t1 - t0, rerank=time.perf_counter() - t1)
         return rows[:, :k], sims[:, :k]
+
+    def rerank_shortlist(self, feats, rows: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Rerank global candidates `[nq, m]` (best first). A reranker reorders the head of the list (SuperGlobal:
+        the first M, AMES: the first `shortlist`); the tail keeps its global order."""
+        from .rerankers.base import Shortlist
+
+        sl = self.reranker.rerank(feats.global_, feats.local, Shortlist(rows, sims), self.store)
+        m = sl.rows.shape[1]
+        return np.concatenate([sl.rows, rows[:, m:]], 1), np.concatenate([sl.sims, sims[:, m:]], 1)
 
     def query(self, image: str | Path | np.ndarray, prompt: str | None = None, top_k: int = 5,
               max_boxes: int = 5, timings: dict[str, float] | None = None) -> dict[str, Any]:
@@ -349,7 +353,12 @@ def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = No
     for pos, i in enumerate(ds.imlist):
         row_to_pos[live_rows[i]] = pos
     n = len(ds.imlist)
-    global_ranks, reranked_ranks = [], []
+    use_rerank = s.reranker is not None and rerank
+    # AMES's reference evaluation moves each protocol's ignored images behind the shortlist before reranking
+    # (Medium: junk; Hard: junk + easy), so the shortlist holds only images that can count; SuperGlobal's does not.
+    per_protocol = use_rerank and getattr(s.reranker, "junk_behind_shortlist", False)
+    global_ranks: list[np.ndarray] = []
+    reranked: dict[str, list[np.ndarray]] = {"all": [], "medium": [], "hard": []}
     with progress.task(f"eval {dataset} [{s.model}]", len(ds.qimlist), quiet, unit="query") as advance:
         for qi in range(len(ds.qimlist)):
             img = load_rgb(ds.query_path(qi), **ds.load_options())
@@ -357,16 +366,29 @@ def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = No
             if bbx is not None:
                 img = crop_box(img, bbx)
             feats = s.describe_queries([img])
-            rows, _ = s.search_features(feats, n, rerank=False)
+            rows, sims = s.search_features(feats, n, rerank=False)  # the full global ranking
             global_ranks.append(row_to_pos[rows[0]])
-            if s.reranker is not None and rerank:
-                rows, _ = s.search_features(feats, n, rerank=True)
-                reranked_ranks.append(row_to_pos[rows[0]])
+            if per_protocol:
+                g = ds.gnd[qi]
+                junk = np.asarray(g.get("junk", []), np.int64)
+                moved_sets = {"medium": junk, "hard": np.concatenate([junk, np.asarray(g.get("easy", []), np.int64)])}
+                for key, moved in moved_sets.items():
+                    back = np.isin(row_to_pos[rows[0]], moved)
+                    order = np.concatenate([np.nonzero(~back)[0], np.nonzero(back)[0]])  # stable partition
+                    rr, _ = s.rerank_shortlist(feats, rows[:, order], sims[:, order])
+                    reranked[key].append(row_to_pos[rr[0]])
+            elif use_rerank:
+                rr, _ = s.rerank_shortlist(feats, rows, sims)
+                reranked["all"].append(row_to_pos[rr[0]])
             advance(1)
     out = {"dataset": dataset, "model": s.model,
            "global": evaluate_protocols(np.stack(global_ranks, 1), ds.gnd), "reranked": None}
-    if reranked_ranks:
-        out["reranked"] = evaluate_protocols(np.stack(reranked_ranks, 1), ds.gnd)
+    if per_protocol:  # as the reference: Easy and Medium from the Medium pass, Hard from the Hard pass
+        res = evaluate_protocols(np.stack(reranked["medium"], 1), ds.gnd)
+        res["hard"] = evaluate_protocols(np.stack(reranked["hard"], 1), ds.gnd)["hard"]
+        out["reranked"] = res
+    elif use_rerank:
+        out["reranked"] = evaluate_protocols(np.stack(reranked["all"], 1), ds.gnd)
     return out
 
 

@@ -20,6 +20,8 @@ class Reranker:
 
     name: str = "none"
     shortlist_size: int = 100
+    # revisitop evaluation: move each protocol's ignored images behind the shortlist before reranking (AMES does)
+    junk_behind_shortlist: bool = False
 
     def rerank(self, query_global: np.ndarray, query_local: dict[str, np.ndarray] | None,
                shortlist: Shortlist, store: Any) -> Shortlist:
