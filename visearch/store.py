@@ -73,6 +73,11 @@ def remove_store(path: str | Path) -> None:
                 p.unlink(missing_ok=True)
 
 
+def _decode(values: np.ndarray) -> list[str]:
+    """h5py returns variable-length utf-8 strings as bytes."""
+    return [x.decode() if isinstance(x, bytes) else x for x in values]
+
+
 def _manifest_version(path: Path) -> tuple[int, int] | None:
     """Identity of the current manifest file: it is replaced by rename, so a new one has a new inode."""
     try:
@@ -272,16 +277,17 @@ class Store:
     @property
     def ids(self) -> list[str]:
         if self._ids is None:
-            ids: list[str] = []
-            for s in self.shards:
-                ids.extend(x.decode() if isinstance(x, bytes) else x for x in self._file(s.file)["ids"][:])
-            self._ids = ids
+            self._ids = self._strings("ids")
         return self._ids
 
     def fingerprints(self) -> list[str]:
+        return self._strings("fingerprints")
+
+    def _strings(self, key: str) -> list[str]:
+        """A string dataset of every shard, in row order (read through `_read`, so damage is a StoreError)."""
         out: list[str] = []
         for s in self.shards:
-            out.extend(x.decode() if isinstance(x, bytes) else x for x in self._file(s.file)["fingerprints"][:])
+            out.extend(_decode(self._read(s.file, key, slice(None))))
         return out
 
     @property
@@ -509,8 +515,7 @@ class StoreWriter:
             nonlocal bufs, n
             if n:
                 cat = {k: np.concatenate(v) for k, v in bufs.items()}
-                ids = [x.decode() if isinstance(x, bytes) else x for x in cat["ids"]]
-                fps = [x.decode() if isinstance(x, bytes) else x for x in cat["fingerprints"]]
+                ids, fps = _decode(cat["ids"]), _decode(cat["fingerprints"])
                 local = {k: cat[f"local/{k}"] for k in st.local_fields}
                 new.append(self._write_shard(self._next_name(extra=new), ids, fps, cat["global"], local))
             bufs, n = {k: [] for k in keys}, 0
