@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import default_data_dir, default_weights_dir
-from .errors import DatasetError, StoreError, UsageError
+from .errors import DatasetError, ImageError, StoreError, UsageError
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,13 @@ class ExtractReport:
         return (self.added + self.updated) / self.seconds if self.seconds > 0 else 0.0
 
 
-def _fingerprint(path: Path) -> str:
-    """Cheap change detector for a dataset image: convert rewrites a changed source, so size and mtime change."""
-    st = path.stat()
+def _fingerprint(path: Path) -> str | None:
+    """Cheap change detector for a dataset image (None when it is missing): convert rewrites a changed source, so
+    size and mtime change."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
@@ -106,10 +110,9 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
 
     New images are described, deleted ones tombstoned, changed ones (new size or mtime) tombstoned and re-described.
     Work is committed in shards of about `shard_rows` images, so a killed run resumes where it stopped."""
-    from PIL import Image
-
     from . import progress
     from .dataset import load_dataset
+    from .images import image_size
     from .registry import load_model
     from .store import Store, StoreWriter, remove_store, store_path
 
@@ -135,7 +138,7 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
 
     with StoreWriter(store) as writer:
         # what is already stored, and is it still current?
-        fingerprints = {i: _fingerprint(ds.image_path(i)) for i in ds.imlist if ds.image_path(i).exists()}
+        fingerprints = {i: fp for i in ds.imlist if (fp := _fingerprint(ds.image_path(i))) is not None}
         stored = _stored_fingerprints(writer.store)
         dead = []
         for row, (i, fp) in stored.items():
@@ -153,11 +156,11 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
         report.failed += [(i, "image file missing") for i in missing]
         keys = []
         for i in todo:
-            try:
-                with Image.open(ds.image_path(i)) as im:
-                    keys.append((im.height, im.width, i))
-            except Exception as e:  # unreadable file: reported, never fatal
-                report.failed.append((i, f"cannot read: {type(e).__name__}"))
+            try:  # header only: batches group images of equal decoded size
+                w, h = image_size(ds.image_path(i), apply_exif=ds.load_options()["apply_exif"])
+                keys.append((h, w, i))
+            except ImageError as e:  # unreadable file: reported, never fatal
+                report.failed.append((i, e.message))
         batches = plan_batches(keys, batch_size)
         n_todo = sum(len(b) for b in batches)
         report.added = n_todo - report.updated
@@ -251,10 +254,6 @@ class Searcher:
         self.reranker = load_reranker(self.describer.config, wdir, device) if rerank else None
         self.detector_name = detector or "none"
         self.detector = load_detector(self.detector_name, weights_dir=wdir, device=device, **(detector_options or {}))
-        self.sources = self.dataset.sources
-
-    def source_of(self, image_id: str) -> str:
-        return str(self.sources.get(image_id) or self.dataset.image_path(image_id))
 
     def describe_queries(self, images: list[np.ndarray]):
         """Features of query crops; a model may describe queries differently from database images (AMES float keeps
@@ -315,9 +314,10 @@ class Searcher:
             results = []
             for rank, (row, score) in enumerate(zip(r, s), 1):
                 iid = ids[int(row)]
-                results.append({"rank": rank, "id": iid, "path": self.source_of(iid), "score": round(float(score), 6)})
-                if iid not in best or score > best[iid]["score"]:
-                    best[iid] = {"id": iid, "path": self.source_of(iid), "score": round(float(score), 6)}
+                hit = {"id": iid, "path": self.dataset.source_path(iid), "score": round(float(score), 6)}
+                results.append({"rank": rank, **hit})
+                if iid not in best or hit["score"] > best[iid]["score"]:
+                    best[iid] = hit
             out_crops.append({"box": [round(float(v), 1) for v in b.as_list()], "label": b.label,
                               "score": None if b.score is None else round(float(b.score), 4), "results": results})
         merged = sorted(best.values(), key=lambda x: -x["score"])[:top_k]

@@ -61,10 +61,6 @@ class Describer:
             return np.zeros((0, self.dim), np.float32)
         return self.extract(arrays).global_
 
-    @property
-    def has_local(self) -> bool:
-        return bool(self.local_fields)
-
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
