@@ -1,4 +1,4 @@
-"""Weight files: safe loading, the manifest (weights/manifest.toml), status, downloads and verification.
+"""Weight files: safe loading, the manifest (visearch/weights_manifest.toml), status, downloads and verification.
 
 Only the standard library is imported at module level so that `visearch weights list` stays instant;
 requests / gdown / huggingface_hub / torch / numpy are imported where they are used."""
@@ -51,8 +51,7 @@ log = logging.getLogger(__name__)
 MIRROR_ENV = "VISEARCH_WEIGHTS_MIRROR"      # base URL serving every file item as <base>/<file>
 HF_ENDPOINT_ENV = "VISEARCH_HF_ENDPOINT"    # Hugging Face hub endpoint for the hf-folder items
 MANIFEST_ENV = "VISEARCH_WEIGHTS_MANIFEST"  # another manifest file (tests, private deployments)
-_REPO_MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.toml"
-_PACKAGED_MANIFEST = Path(__file__).resolve().parent / "weights_manifest.toml"
+_PACKAGED_MANIFEST = "weights_manifest.toml"  # package data of `visearch`, read through importlib.resources
 _CHUNK = 1 << 20
 _TIMEOUT = (10.0, 60.0)  # (connect, read) seconds for HTTP
 
@@ -117,23 +116,26 @@ def _mirror_url(base: str, file: str) -> str:
     return f"{base.rstrip('/')}/{file}"
 
 
-def manifest_path() -> Path:
-    """The manifest in use: $VISEARCH_WEIGHTS_MANIFEST, else weights/manifest.toml of the source tree, else the
-    copy packaged as visearch/weights_manifest.toml."""
+def manifest_path():
+    """The manifest in use: $VISEARCH_WEIGHTS_MANIFEST, else the copy packaged as visearch/weights_manifest.toml
+    (a Path or an importlib.resources Traversable)."""
     env = os.environ.get(MANIFEST_ENV)
     if env:
         return Path(env)
-    return _REPO_MANIFEST if _REPO_MANIFEST.is_file() else _PACKAGED_MANIFEST
+    from importlib import resources
+
+    return resources.files(__package__).joinpath(_PACKAGED_MANIFEST)
 
 
 def _read_manifest() -> dict[str, Any]:
     path = manifest_path()
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise WeightsError(f"weights manifest not found: {path}", f"set {MANIFEST_ENV} or reinstall visearch") from None
-    except tomllib.TOMLDecodeError as e:
+    except OSError as e:
+        raise WeightsError(f"cannot read weights manifest {path}: {e.strerror or type(e).__name__}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"weights manifest {path} is not valid TOML ({e})") from None
 
 
