@@ -17,7 +17,7 @@ from typing import List, Optional
 os.environ.setdefault("TYPER_USE_RICH", "0")
 import typer  # noqa: E402
 
-from .errors import UsageError, VisearchError  # noqa: E402
+from .errors import UsageError, VisearchError, first_line  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Instance-level visual search: convert, extract, detect, query, eval, bench.")
@@ -452,7 +452,7 @@ def bench(
         try:
             old = json.loads(compare_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read {compare_path} as a bench JSON result ({str(e).splitlines()[0][:120]})",
+            raise UsageError(f"cannot read {compare_path} as a bench JSON result ({first_line(e, 120)})",
                              "pass a file written by `visearch bench --json FILE`") from None
     result = bench_mod.run(dataset, models_.split(","), data_dir=state.data_dir, weights_dir=state.weights_dir,
                            weights=weights, device=device, queries=queries, warmup=warmup, sample=sample,
@@ -510,8 +510,8 @@ def main() -> None:
     except Exception as e:  # an unexpected bug: still one line, with a way to see more
         if os.environ.get("VISEARCH_DEBUG"):
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        sys.stderr.write(f"error: unexpected {type(e).__name__}: {first} (set VISEARCH_DEBUG=1 for a traceback)\n")
+        sys.stderr.write(f"error: unexpected {type(e).__name__}: {first_line(e, 300)} "
+                         "(set VISEARCH_DEBUG=1 for a traceback)\n")
         sys.exit(1)
 
 

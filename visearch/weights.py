@@ -4,7 +4,6 @@ Only the standard library is imported at module level so that `visearch weights 
 requests / gdown / huggingface_hub / torch / numpy are imported where they are used."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import UsageError, WeightsError
+from .errors import UsageError, WeightsError, first_line
+from .fsutil import sha256_file
 
 
 def safe_torch_load(path: str | Path) -> Any:
@@ -33,12 +33,11 @@ def safe_torch_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported pickle content"
-        raise WeightsError(f"refusing to load {path}: it holds objects other than tensors ({first[:160]})",
+        first = first_line(e) if str(e).strip() else "unsupported pickle content"
+        raise WeightsError(f"refusing to load {path}: it holds objects other than tensors ({first})",
                            "only plain checkpoints (tensors, dicts, numbers) are accepted") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({msg[:160]})",
+        raise WeightsError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({first_line(e)})",
                            "download it again and check it with `visearch weights verify`") from None
 
 
@@ -221,21 +220,13 @@ def status(weights_dir: str | Path) -> list[WeightStatus]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_file(spec: WeightSpec, path: Path) -> str | None:
     """None when `path` matches the known size and hash, else what is wrong (one line)."""
     size = path.stat().st_size
     if spec.size is not None and size != spec.size:
         return f"size {size} bytes, expected {spec.size}"
     if spec.sha256 is not None:
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != spec.sha256:
             return f"sha256 {digest}, expected {spec.sha256}"
     return None
@@ -543,4 +534,4 @@ def verify(weights_dir: str | Path, names: list[str] | None = None, *,
 
 def sha256_of(path: str | Path) -> str:
     """SHA-256 of a file (hex), e.g. to fill in the manifest after checking a download by hand."""
-    return _sha256(Path(path))
+    return sha256_file(Path(path))
