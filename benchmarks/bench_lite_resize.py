@@ -3,7 +3,7 @@
     python benchmarks/bench_lite_resize.py                         # builds the set in a temp dir, all policies
     python benchmarks/bench_lite_resize.py --set /tmp/photos_set --policies fixed320,cap640 --json out.json
 
-Each policy is a [describe] override of configs/models/lite.toml (same network, GeM, scales unless said): the
+Each policy is a [describe] override of visearch/config/models/lite.toml (same network, GeM, scales unless said): the
 database images and the query crops (cropped to their bbx as `visearch eval` does) are described, the database is
 ranked by cosine similarity for each query, and mAP is computed with visearch's revisitop evaluation. Also printed:
 images/s of the database description (the machine's load shows in it; compare within one run).
@@ -40,7 +40,7 @@ POLICIES: dict[str, dict] = {
 def prepare(set_dir: Path | None, work: Path) -> tuple[object, list, list]:
     """Build (if needed) and convert the set; returns (dataset, database arrays, query crop arrays)."""
     from visearch import api
-    from visearch.dataset import load_dataset
+    from visearch.data import load_dataset
     from visearch.images import crop_box, load_rgb
 
     if set_dir is None:
