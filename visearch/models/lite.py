@@ -211,14 +211,21 @@ class LiteDescriber(Describer):
             groups[tuple(getattr(im, "shape", (i, -1)))].append(i)
         for idx in groups.values():
             x = self._to_tensor([images[i] for i in idx])
-            h, w = x.shape[-2:]
-            base = base_long_side(h, w, self.max_side, self.upscale, self.min_side)
             desc = torch.zeros(len(idx), DIM, device=self.device)
-            for s in self.scales:
-                fmap = self.net.features(self._prep(x, _resized_size(h, w, base * s)))
-                desc += F.normalize(self._gem(fmap.float()), dim=1)
+            for size in self.scale_sizes(*x.shape[-2:]):
+                desc += self.describe_at(x, size)
             out[idx] = F.normalize(desc, dim=1).cpu().numpy()
         return Features(global_=out)
+
+    def scale_sizes(self, h: int, w: int) -> list[tuple[int, int]]:
+        """The network's input sizes (height, width), one per scale, for an `h` x `w` image (the resize policy)."""
+        base = base_long_side(h, w, self.max_side, self.upscale, self.min_side)
+        return [_resized_size(h, w, base * s) for s in self.scales]
+
+    def describe_at(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """One scale's term: `[B, 3, H, W]` 0-255 resized to `size` -> L2-normalised GeM `[B, 1280]`."""
+        fmap = self.net.features(self._prep(x, size))
+        return F.normalize(self._gem(fmap.float()), dim=1)
 
     @torch.inference_mode()
     def classify(self, images: Sequence[np.ndarray]) -> np.ndarray:
