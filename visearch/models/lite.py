@@ -172,10 +172,10 @@ class LiteDescriber(Describer):
     def __init__(self, net: EfficientNetLite0, config: dict[str, Any], device: torch.device, weights_sha256: str):
         super().__init__(name="lite", dim=DIM, config=config, device=device, weights_sha256=weights_sha256)
         d = config.get("describe", {})
-        self.scales = [float(s) for s in d.get("scales", [0.7071, 1.0, 1.4142])]
+        self.scales = [float(s) for s in d.get("scales", [0.5, 0.7071, 1.0])]  # defaults: lite.toml's
         self.gem_p = float(d.get("gem_p", 3.0))
-        self.max_side = int(d.get("max_side", 320))
-        self.upscale = bool(d.get("upscale", True))
+        self.max_side = int(d.get("max_side", 640))
+        self.upscale = bool(d.get("upscale", False))
         self.min_side = int(d.get("min_side", 0))
         if not self.scales or self.gem_p <= 0 or self.max_side < 32 or not 0 <= self.min_side <= self.max_side:
             raise ModelError("bad [describe] settings for lite",
