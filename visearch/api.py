@@ -1,6 +1,8 @@
 """The typed library API behind every command. The CLI only parses arguments, calls these and renders results."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import time
@@ -11,13 +13,30 @@ from typing import Any, Sequence
 import numpy as np
 
 from .config import default_data_dir, default_weights_dir
-from .errors import DatasetError, ImageError, StoreError, UsageError
+from .errors import DatasetError, ImageError, StoreError, UsageError, VisearchError
 
 log = logging.getLogger(__name__)
 
 
 def _data_dir(data_dir: str | Path | None) -> Path:
-    return Path(data_dir) if data_dir is not None else default_data_dir()
+    d = Path(data_dir) if data_dir is not None else default_data_dir()
+    if d.exists() and not d.is_dir():
+        raise DatasetError(f"data dir {d} is not a folder", "pass --data-dir FOLDER (or set VISEARCH_DATA_DIR)")
+    return d
+
+
+@contextlib.contextmanager
+def _writing(what: str, error: type[VisearchError] = DatasetError):
+    """Map a refused write (permission denied, read-only file system, a file where a folder should be) to one line
+    naming the path; everything written before stays as it was."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+            raise
+        where = e.filename or what
+        raise error(f"cannot write {where}: {e.strerror or e}",
+                    f"{what} must be a writable folder; nothing already written was changed") from None
 
 
 def _weights_dir(weights_dir: str | Path | None) -> Path:
@@ -42,8 +61,9 @@ def convert(source: str | Path, name: str, data_dir: str | Path | None = None,
     `replace` allows converting a different source folder into an existing dataset name."""
     from . import dataset, progress
 
-    with progress.task(f"convert {name}", None, quiet) as advance:
-        return dataset.convert(source, _data_dir(data_dir), name, ground_truth=ground_truth, progress=advance,
+    ddir = _data_dir(data_dir)
+    with _writing(f"the data dir {ddir}"), progress.task(f"convert {name}", None, quiet) as advance:
+        return dataset.convert(source, ddir, name, ground_truth=ground_truth, progress=advance,
                                on_total=advance.set_total, replace=replace)
 
 
@@ -109,7 +129,15 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
     """Describe the dataset's database images into its store, incrementally and crash-safely.
 
     New images are described, deleted ones tombstoned, changed ones (new size or mtime) tombstoned and re-described.
-    Work is committed in shards of about `shard_rows` images, so a killed run resumes where it stopped."""
+    Work is committed in shards of about `shard_rows` images, so a killed run resumes where it stopped. A store that
+    cannot be written (read-only folder or file system) is a StoreError naming the path."""
+    with _writing(f"the store folder under {_data_dir(data_dir) / dataset}", StoreError):
+        return _extract(dataset, model, data_dir, weights, weights_dir, device, batch_size, workers, rebuild,
+                        shard_rows, quiet, describer)
+
+
+def _extract(dataset, model, data_dir, weights, weights_dir, device, batch_size, workers, rebuild, shard_rows,
+             quiet, describer) -> ExtractReport:
     from . import progress
     from .dataset import load_dataset
     from .images import image_size
@@ -134,6 +162,7 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
                              weights_sha256=describer.weights_sha256, local_fields=describer.local_fields,
                              dtype=describer.config.get("store", {}).get("dtype", "float16"), dataset=dataset)
     store.check_compatible(describer.name, identity, describer.weights_sha256)
+    store.verify()  # every chunk's checksum: a damaged shard is named now, not met later by a query
     report = ExtractReport(dataset, describer.name, spath, total=len(ds.imlist))
 
     with StoreWriter(store) as writer:
@@ -147,8 +176,8 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
                 report.removed += 1
             elif fp != fingerprints[i]:
                 dead.append(row)
-                report.updated += 1
         writer.tombstone(dead)
+        changed = {stored[row][0] for row in dead if stored[row][0] in fingerprints}
         dead_set = set(dead)
         current = {i for row, (i, fp) in stored.items() if row not in dead_set}
         todo = [i for i in ds.imlist if i in fingerprints and i not in current]
@@ -163,7 +192,9 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
                 report.failed.append((i, e.message))
         batches = plan_batches(keys, batch_size)
         n_todo = sum(len(b) for b in batches)
-        report.added = n_todo - report.updated
+        # added / updated count what was described; a changed image that now fails to decode lost its old row
+        # (removed) and is listed as failed, so no count can go negative
+        described: list[str] = []
         with progress.task(f"extract {dataset} [{describer.name}]", n_todo, quiet) as advance:
             pending_ids: list[str] = []
             pending: list[Any] = []
@@ -172,6 +203,7 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
                 ok_ids = [i for i, a in zip(batch_ids, arrays) if a is not None]
                 ok = [a for a in arrays if a is not None]
                 if ok:
+                    described += ok_ids
                     pending_ids += ok_ids
                     pending.append(describer.extract(ok))
                 advance(len(batch_ids))
@@ -180,6 +212,9 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
                     pending_ids, pending = [], []
             if pending_ids:
                 _flush(writer, pending_ids, pending, fingerprints)
+        report.updated = sum(1 for i in described if i in changed)
+        report.added = len(described) - report.updated
+        report.removed += len(changed) - report.updated
         writer.compact()
     report.seconds = time.perf_counter() - t0
     return report
@@ -248,7 +283,15 @@ class Searcher:
         self.model = self.describer.name
         self.device = resolve_device(device)
         self.store = open_store_for(self.describer, self.data_dir, dataset)
-        if self.store.num_live() == 0:
+        # rows searched: live, and their image still in the dataset (a convert after the last extract may have
+        # removed images; their rows stay in the store until the next extract, but must never be returned)
+        in_dataset = set(self.dataset.imlist)
+        self.live = self.store.live & np.fromiter((i in in_dataset for i in self.store.ids), bool, len(self.store))
+        stale = self.store.num_live() - int(self.live.sum())
+        if stale:
+            log.warning("%d stored images of %r are no longer in the dataset and are left out (run `visearch extract "
+                        "%s --model %s` to update the store)", stale, dataset, dataset, self.model)
+        if not self.live.any():
             raise StoreError(f"the {self.model} store of dataset {dataset!r} is empty",
                              f"add images and run `visearch extract {dataset} --model {self.model}`")
         self.reranker = load_reranker(self.describer.config, wdir, device) if rerank else None
@@ -272,7 +315,7 @@ class Searcher:
         if use_rerank:
             shortlist_k = max(k, self.reranker.shortlist_size)
         t0 = time.perf_counter()
-        rows, sims = search_store(feats.global_, self.store, shortlist_k, device=self.device)
+        rows, sims = search_store(feats.global_, self.store, shortlist_k, device=self.device, live=self.live)
         t1 = time.perf_counter()
         if use_rerank:
             rows, sims = self.rerank_shortlist(feats, rows, sims)
@@ -413,6 +456,17 @@ def detect(image: str | Path, prompt: str | None = None, detector: str | None = 
     return name, det.detect(load_rgb(image), prompt)
 
 
+def decode_query_list(data: bytes, where: str) -> str:
+    """The text of a list of query paths; UsageError (one line) for binary content (NUL bytes, not UTF-8)."""
+    try:
+        if b"\0" in data:
+            raise UnicodeDecodeError("utf-8", data, data.index(b"\0"), data.index(b"\0") + 1, "NUL byte")
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{where}: not a text list of image paths (binary content at byte {e.start})",
+                         "a query list holds one image path per line, UTF-8 text") from None
+
+
 def read_query_list(args: Sequence[str], stdin_lines: Sequence[str] | None = None) -> list[str]:
     """Query arguments: image paths, `-` for stdin (one path per line), or a .txt/.lst file of paths."""
     out: list[str] = []
@@ -420,7 +474,11 @@ def read_query_list(args: Sequence[str], stdin_lines: Sequence[str] | None = Non
         if a == "-":
             out += [ln.strip() for ln in (stdin_lines or []) if ln.strip()]
         elif a.lower().endswith((".txt", ".lst")) and Path(a).is_file():
-            out += [ln.strip() for ln in Path(a).read_text(encoding="utf-8").splitlines() if ln.strip()]
+            try:
+                data = Path(a).read_bytes()
+            except OSError as e:
+                raise UsageError(f"cannot read query list {a}: {e.strerror or e}") from None
+            out += [ln.strip() for ln in decode_query_list(data, a).splitlines() if ln.strip()]
         else:
             out.append(a)
     if not out:

@@ -405,14 +405,25 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def check_result(r: Any, what: str) -> None:
+    """UsageError unless `r` has the shape of a `visearch bench --json` result (checked before a --compare run)."""
+    if not isinstance(r, dict) or not isinstance(r.get("models"), dict):
+        raise UsageError(f"{what} is not a `visearch bench --json` result (no \"models\" object)",
+                         "pass a file written by `visearch bench --json FILE`")
+    bad = [m for m, v in r["models"].items() if not isinstance(v, dict)]
+    if bad or not isinstance(r.get("machine", {}), dict):
+        raise UsageError(f"{what} is not a `visearch bench --json` result "
+                         f"({'model ' + repr(bad[0])[:40] if bad else 'machine'} is not an object)",
+                         "pass a file written by `visearch bench --json FILE`")
+
+
 def compare(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     """Ratios new / old for every figure both runs have, per model (ratio None when old is 0).
 
     Returns {"machine_differs": {field: [old, new]}, "models": {model: {figure: {"old", "new", "ratio",
     "better"}}}}; `better` is True when the new figure is the better one (faster, smaller, more accurate)."""
-    for r, what in ((new, "new"), (old, "old")):
-        if not isinstance(r, dict) or not isinstance(r.get("models"), dict):
-            raise UsageError(f"the {what} bench result is not a `visearch bench --json` object")
+    check_result(new, "the new bench result")
+    check_result(old, "the old bench result")
     mnew, mold = new.get("machine", {}), old.get("machine", {})
     differs = {k: [mold.get(k), mnew.get(k)] for k in ("cpu", "cores_logical", "gpu", "device", "torch", "cuda",
                                                          "torch_threads") if mold.get(k) != mnew.get(k)}
@@ -448,14 +459,46 @@ def parse_sizes(text: str) -> list[int]:
         mult = {"k": 1_000, "m": 1_000_000}.get(p[-1], 1)
         try:
             n = int(float(p[:-1] if mult > 1 else p) * mult)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: inf
             raise UsageError(f"bad size {part.strip()!r}", "sizes look like 10k,100k,1M or 5000") from None
         if n < 1:
             raise UsageError(f"bench scale size must be positive, got {part.strip()!r}")
+        if n > MAX_SCALE_N:
+            raise UsageError(f"bench scale size {part.strip()!r} is above the largest supported, {MAX_SCALE_N:,}")
         out.append(n)
     if not out:
         raise UsageError("no sizes given", "e.g. --sizes 10k,100k,1M")
     return out
+
+
+MAX_SCALE_N = 10_000_000_000  # beyond any store this tool writes; above it the streamed timing loop runs for days
+MAX_SCALE_DIM = 65_536
+
+
+def _memory_available() -> int | None:
+    """Bytes of memory available now (Linux /proc/meminfo MemAvailable), None when unknown."""
+    kb = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    kb = int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None if kb is None else kb * 1024
+
+
+def check_scale_args(sizes: Sequence[int], dim: int, nq: int, k: int, chunk_rows: int, in_memory_max: int) -> None:
+    """Refuse (UsageError, one line) a bench scale run whose arrays cannot fit: dimension above MAX_SCALE_DIM, or
+    the rows held at once (float16 data, a float32 chunk, the queries and top-k) above the memory available."""
+    if not 1 <= dim <= MAX_SCALE_DIM:
+        raise UsageError(f"--dim {dim} is out of range (1 to {MAX_SCALE_DIM})")
+    n = max(sizes)
+    held = min(n, in_memory_max) * dim * (2 + 4) + min(n, chunk_rows) * (dim * 4 + nq * 8) + nq * dim * 4
+    avail = _memory_available()
+    if avail is not None and held > avail * 0.8:
+        raise UsageError(f"bench scale with --dim {dim} and N up to {n:,} needs about {held / 2**30:.1f} GiB of "
+                         f"memory, {avail / 2**30:.1f} GiB is available", "use a smaller --dim or --sizes")
 
 
 def _unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -491,6 +534,8 @@ def scale(sizes: Iterable[int] = (10_000, 100_000, 1_000_000), dim: int = 2048, 
     - `store_ms`: through a real sharded HDF5 Store written to `tmp_dir` (N <= store_max; file in the page cache);
     - `faiss_ms`: faiss.IndexFlatIP (float32, exact) when faiss is importable and the index fits `faiss_max_gb`.
     """
+    sizes = list(sizes)
+    check_scale_args(sizes, dim, nq, k, chunk_rows, in_memory_max)
     import tempfile
 
     import torch

@@ -15,7 +15,7 @@ from typing import List, Optional
 os.environ.setdefault("TYPER_USE_RICH", "0")
 import typer  # noqa: E402
 
-from .errors import UsageError, VisearchError  # noqa: E402
+from .errors import StoreError, UsageError, VisearchError  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Instance-level visual search: convert, extract, detect, query, eval, bench.")
@@ -159,7 +159,13 @@ def query(
 
     if json_out and paths:
         raise UsageError("--json and --paths cannot be combined")
-    stdin_lines = sys.stdin.read().splitlines() if "-" in images else None
+    from .paths import check_writable
+
+    if show is not None:  # checked before any query runs, not after all of them
+        check_writable(show, "--show", (".png", ".jpg", ".jpeg", ".webp"))
+    if html is not None:
+        check_writable(html, "--html")
+    stdin_lines = api.decode_query_list(sys.stdin.buffer.read(), "stdin").splitlines() if "-" in images else None
     qlist = api.read_query_list(images, stdin_lines)
     if detector is None and (prompt or token_file or endpoint):
         detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
@@ -172,6 +178,8 @@ def query(
     for q in qlist:
         try:
             res = searcher.query(q, prompt=prompt, top_k=top_k, max_boxes=max_boxes)
+        except StoreError:  # the store, not this query image, is at fault: stop with its own message
+            raise
         except VisearchError as e:  # one bad query image must not stop a batch
             failures += 1
             sys.stderr.write(f"error: {e}\n" if q in e.message else f"error: {q}: {e}\n")
@@ -408,12 +416,17 @@ def bench(
     if not dataset:
         raise UsageError("bench needs --dataset NAME", "or run `visearch bench scale` for synthetic search cost")
     old = None
-    if compare_path is not None:
+    if compare_path is not None:  # checked before the (long) run
         try:
             old = json.loads(compare_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise UsageError(f"cannot read {compare_path} as a bench JSON result ({str(e).splitlines()[0][:120]})",
                              "pass a file written by `visearch bench --json FILE`") from None
+        bench_mod.check_result(old, str(compare_path))
+    if json_path not in (None, "-"):
+        from .paths import check_writable
+
+        check_writable(json_path, "--json")
     result = bench_mod.run(dataset, models_.split(","), data_dir=state.data_dir, weights_dir=state.weights_dir,
                            weights=weights, device=device, queries=queries, warmup=warmup, sample=sample,
                            batch_size=batch_size, detector=detector, prompt=prompt, max_boxes=max_boxes,

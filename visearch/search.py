@@ -62,6 +62,9 @@ def topk_stream(queries: np.ndarray, blocks: Iterable[tuple[int, np.ndarray]], k
     return r_np[:, :keep], s_np[:, :keep]
 
 
-def search_store(queries: np.ndarray, store, k: int, device=None, chunk_rows: int = 16384):
-    """Exact top-k over an open visearch.store.Store (dead rows excluded)."""
-    return topk_stream(queries, store.iter_global(chunk_rows), k, device=device, live=store.live)
+def search_store(queries: np.ndarray, store, k: int, device=None, chunk_rows: int = 16384,
+                 live: np.ndarray | None = None):
+    """Exact top-k over an open visearch.store.Store (dead rows excluded; `live` `[N]` bool narrows further, e.g. to
+    the rows whose image is still in the dataset)."""
+    return topk_stream(queries, store.iter_global(chunk_rows), k, device=device,
+                       live=store.live if live is None else live)

@@ -109,6 +109,59 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
         raise
 
 
+MAX_DIM = 1 << 16
+MAX_SHARD_ROWS = 1 << 31
+STORE_DTYPES = ("float16", "float32", "bfloat16", "uint8", "int8", "bool")
+
+
+def _is_int(x: Any, lo: int, hi: int) -> bool:
+    return type(x) is int and lo <= x <= hi
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """Why a parsed manifest.json cannot be a store's (types and ranges of every field), or None. Shard file names
+    must be plain names inside the store folder: a manifest can never make a reader open or a writer delete a file
+    elsewhere."""
+    import re
+
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    if not isinstance(m.get("model"), str):
+        return "model is not a string"
+    if not _is_int(m.get("dim"), 1, MAX_DIM):
+        return f"dim {m.get('dim')!r:.40} is not an integer in 1..{MAX_DIM}"
+    if m.get("dtype") not in STORE_DTYPES:
+        return f"dtype {m.get('dtype')!r:.40} is not one of {', '.join(STORE_DTYPES)}"
+    lf = m.get("local_fields")
+    if not isinstance(lf, dict):
+        return "local_fields is not an object"
+    for k, v in lf.items():
+        shape = v.get("shape") if isinstance(v, dict) else None
+        if (not re.fullmatch(r"[A-Za-z0-9_]{1,64}", k) or not isinstance(shape, list) or not shape
+                or not all(_is_int(d, 1, MAX_DIM) for d in shape) or v.get("dtype") not in STORE_DTYPES):
+            return f"local field {k!r:.40} has a bad name, shape or dtype"
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        return "shards is not a list"
+    seen = set()
+    for s in shards:
+        if not isinstance(s, dict):
+            return "a shard entry is not an object"
+        f = s.get("file")
+        if not isinstance(f, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,120}\.h5", f) or f in seen:
+            return f"shard file {f!r:.60} is not a plain shard name in the store folder (or is listed twice)"
+        seen.add(f)
+        rows = s.get("rows")
+        if not _is_int(rows, 0, MAX_SHARD_ROWS) or not _is_int(s.get("bytes"), 0, 1 << 50):
+            return f"{f}: rows or bytes out of range"
+        dead = s.get("dead")
+        if not isinstance(dead, list) or not all(_is_int(r, 0, rows - 1) for r in dead) or len(set(dead)) < len(dead):
+            return f"{f}: dead rows are not distinct row numbers in 0..{rows - 1}"
+        if s.get("uid") is not None and not isinstance(s.get("uid"), str):
+            return f"{f}: uid is not a string"
+    return None
+
+
 @dataclass
 class _Shard:
     file: str
@@ -191,6 +244,9 @@ class Store:
         if version != SCHEMA_VERSION:
             raise StoreError(f"store {path} has schema version {version}, this visearch reads {SCHEMA_VERSION}",
                              REBUILD_HINT)
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise StoreError(f"store manifest {mpath} is corrupt ({problem})", REBUILD_HINT)
         try:
             store = cls(path, manifest)
         except (KeyError, TypeError, ValueError, AttributeError):  # valid JSON, wrong structure
@@ -220,6 +276,17 @@ class Store:
                 raise StoreError(f"store file {f} is not the shard the manifest lists (replaced or restored from "
                                  "another copy)", REBUILD_HINT)
 
+    def verify(self, block_bytes: int = 32 << 20) -> None:
+        """Read every array of every shard, so each chunk's fletcher32 checksum is tested: a flipped byte raises
+        StoreError naming the shard (`extract` runs this when it opens a store; memory stays ~`block_bytes`)."""
+        local = {f"local/{k}": int(np.prod(f.shape)) * np.dtype(f.dtype).itemsize for k, f in self.local_fields.items()}
+        sizes = {"ids": 64, "fingerprints": 64, "global": self.dim * self.dtype.itemsize, **local}
+        for s in self.shards:
+            for key, row_bytes in sizes.items():
+                step = max(1, block_bytes // max(1, row_bytes))
+                for a in range(0, s.rows, step):
+                    self._read(s.file, key, slice(a, min(s.rows, a + step)))
+
     def _file(self, name: str) -> h5py.File:
         """The open shard `name`; at most `_max_open_files()` stay open (least recently used closed first)."""
         f = self._files.pop(name, None)
@@ -235,7 +302,7 @@ class Store:
         """`file[key][sel]`, a checksum or I/O failure (bit rot, a bad disk) raised as StoreError."""
         try:
             return self._file(name)[key][sel]
-        except OSError as e:
+        except (OSError, KeyError) as e:
             raise StoreError(f"store file {self.path / name} is corrupt, reading {key} failed "
                              f"({str(e).splitlines()[0][:120]})", REBUILD_HINT) from None
 

@@ -21,6 +21,7 @@ from .errors import UsageError, WeightsError
 def safe_torch_load(path: str | Path) -> Any:
     """torch.load with weights_only=True on CPU; every failure becomes a one-line WeightsError naming the file."""
     import pickle
+    import warnings
     import zipfile
 
     import torch
@@ -31,13 +32,20 @@ def safe_torch_load(path: str | Path) -> Any:
     if path.stat().st_size == 0:
         raise WeightsError(f"weight file is empty: {path}", "download it again (`visearch weights download`)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # garbage files make the unpickler warn about pickle protocols: noise
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported pickle content"
         raise WeightsError(f"refusing to load {path}: it holds objects other than tensors ({first[:160]})",
                            "only plain checkpoints (tensors, dicts, numbers) are accepted") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except MemoryError:
+        raise WeightsError(f"cannot read checkpoint {path}: it asks for more memory than there is",
+                           "download it again and check it with `visearch weights verify`") from None
+    except Exception as e:  # noqa: BLE001 - garbage bytes make the unpickler raise KeyError, IndexError, struct.error..
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not isinstance(e, (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError)):
+            msg = f"{type(e).__name__}: {msg}"
         raise WeightsError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({msg[:160]})",
                            "download it again and check it with `visearch weights verify`") from None
 
@@ -482,8 +490,17 @@ def _verify_hf_folder(path: Path) -> str | None:
                 if n <= 0 or n + 8 > st.stat().st_size:
                     raise ValueError("header length out of range")
                 header = json.loads(f.read(n))
-                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError) as e:
+                if not isinstance(header, dict):
+                    raise ValueError("header is not a JSON object")
+                end = 0
+                for k, v in header.items():
+                    if k == "__metadata__":
+                        continue
+                    a, b = v["data_offsets"]
+                    if not (type(a) is int and type(b) is int and 0 <= a <= b):
+                        raise ValueError(f"tensor {k[:60]!r} has bad data_offsets {v['data_offsets']!r:.60}")
+                    end = max(end, b)
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
                 return f"{st.name}: not a safetensors file ({_one_line(e)})"
             if 8 + n + end > st.stat().st_size:
                 return f"{st.name}: truncated ({st.stat().st_size} bytes, header needs {8 + n + end})"
@@ -535,7 +552,10 @@ def verify(weights_dir: str | Path, names: list[str] | None = None, *,
             if include_missing:
                 out.append(VerifyResult(st.spec, False, f"not downloaded (expected at {st.path})"))
             continue
-        out.append(_verify_one(st.spec, st.path))
+        try:
+            out.append(_verify_one(st.spec, st.path))
+        except Exception as e:  # noqa: BLE001 - one garbage file must not hide the report on the others
+            out.append(VerifyResult(st.spec, False, f"unreadable ({_one_line(e)})"))
     return out
 
 

@@ -61,10 +61,16 @@ def normalize_endpoint(endpoint: str | None = None) -> str:
     ep = (endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT).strip().rstrip("/")
     if "://" not in ep:
         ep = "https://" + ep
-    parts = urlsplit(ep)
+    hint = "give a host (api.deepdataspace.com) or a URL (http://127.0.0.1:8765)"
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in ep):
+        raise UsageError("bad cloud detector endpoint: it contains spaces or control characters", hint)
+    try:
+        parts = urlsplit(ep)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as e:
+        raise UsageError(f"bad cloud detector endpoint {_display_endpoint(ep)!r} ({e})", hint) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"bad cloud detector endpoint {_display_endpoint(ep)!r}",
-                         "give a host (api.deepdataspace.com) or a URL (http://127.0.0.1:8765)")
+        raise UsageError(f"bad cloud detector endpoint {_display_endpoint(ep)!r}", hint)
     return ep
 
 

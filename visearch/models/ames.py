@@ -237,7 +237,7 @@ def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, devic
             same = proj.shape == (LOCAL_DIM, ITQ_BITS) and np.allclose(proj, ames.remap_local[0].W.cpu().numpy())
             log.debug("%s %s the checkpoint's ITQ projection (the checkpoint's is used)", itq,
                       "matches" if same else "differs from")
-        except (OSError, KeyError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - any garbage (BadZipFile, EOFError, ...): informative file only
             log.warning("ignoring unreadable %s (%s); the AMES checkpoint carries the projection", itq, e)
 
     sha = hashlib.sha256()
