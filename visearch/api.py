@@ -140,7 +140,7 @@ def _extract(dataset, model, data_dir, weights, weights_dir, device, batch_size,
              quiet, describer) -> ExtractReport:
     from . import progress
     from .dataset import load_dataset
-    from .images import image_size
+    from .images import check_aspect, image_size
     from .registry import load_model
     from .store import Store, StoreWriter, remove_store, store_path
 
@@ -187,6 +187,7 @@ def _extract(dataset, model, data_dir, weights, weights_dir, device, batch_size,
         for i in todo:
             try:  # header only: batches group images of equal decoded size
                 w, h = image_size(ds.image_path(i), apply_exif=ds.load_options()["apply_exif"])
+                check_aspect(w, h, str(ds.image_path(i)))  # bounded work per image: refused with its reason
                 keys.append((h, w, i))
             except ImageError as e:  # unreadable file: reported, never fatal
                 report.failed.append((i, e.message))
@@ -279,6 +280,11 @@ class Searcher:
         self.data_dir = _data_dir(data_dir)
         self.dataset = load_dataset(self.data_dir, dataset)
         wdir = _weights_dir(weights_dir)
+        if describer is None:  # a missing or damaged store fails now, before seconds of model loading
+            from .config import load_model_config
+            from .store import Store, store_path
+
+            Store.open(store_path(self.data_dir, dataset, load_model_config(model)["name"])).close()
         self.describer = describer or load_model(model, weights=weights, weights_dir=wdir, device=device)
         self.model = self.describer.name
         self.device = resolve_device(device)
@@ -336,13 +342,16 @@ class Searcher:
               max_boxes: int = 5, timings: dict[str, float] | None = None) -> dict[str, Any]:
         """One query image -> the documented JSON object (crops with their results, and a merged ranking)."""
         from .detectors.base import crop, select_crops
-        from .images import load_rgb
+        from .images import aspect_problem, check_aspect, load_rgb
 
         t = time.perf_counter
         t0 = t()
         img = load_rgb(image)
         boxes = self.detector.detect(img, prompt) if self.detector_name != "none" else []
+        name = str(image) if not isinstance(image, np.ndarray) else "<array>"
+        check_aspect(img.shape[1], img.shape[0], name)  # bounded work: a 2000x1 strip is refused in one line
         crops = select_crops(boxes, (img.shape[1], img.shape[0]), max_boxes=max_boxes)
+        crops = [b for b in crops if aspect_problem(round(b.width), round(b.height)) is None]
         t1 = t()
         feats = self.describe_queries([crop(img, b) for b in crops])
         t2 = t()

@@ -468,8 +468,23 @@ def bench_scale(
 
 def main() -> None:
     """Entry point: map library errors to one-line messages and exit codes, never a traceback."""
+    import signal
+
+    interrupted: list[int] = []
+
+    def on_sigint(signum, frame):  # Typer turns KeyboardInterrupt into a silent exit 130: remember that it was one
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         app()
+    except SystemExit as e:
+        if interrupted:
+            sys.stderr.write("interrupted\n")
+            sys.exit(130)
+        raise e
     except VisearchError as e:
         sys.stderr.write(f"error: {e.message}" + (f" ({e.hint})" if e.hint else "") + "\n")
         sys.exit(e.exit_code)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError, WeightsError
+from ..images import check_aspect, work_scale
 from ..rerankers.ames import CHECKPOINTS, ITQ_BITS, MODEL_DIM, PACKED_BYTES, load_ames
 from .base import Describer, Features, LocalField, sha256_file
 from .resnet import CVNetResNet, load_cvnet_state
@@ -116,9 +117,12 @@ class AMESDescriber(Describer):
 
     # ---- local features -----------------------------------------------------------------------------------------
     def _scales_for(self, h: int, w: int) -> list[float]:
-        """Reference: scales * imsize / long side when a size is set; we apply it only to shrink large images."""
-        if self.max_side and max(h, w) > self.max_side:
-            f = self.max_side / max(h, w)
+        """Reference: scales * imsize / long side when a size is set; we apply it only to shrink large images (and
+        images above MAX_DESCRIBE_PIXELS, so the work per image stays bounded)."""
+        check_aspect(w, h, "image")
+        f = self.max_side / max(h, w) if self.max_side and max(h, w) > self.max_side else 1.0
+        f = min(f, work_scale(w, h))
+        if f < 1.0:
             return [s * f for s in self.scales]
         return list(self.scales)
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ImageError, ModelError, WeightsError
+from ..images import check_aspect
 from ..weights import safe_torch_load
 from .base import Describer, Features, sha256_file
 
@@ -200,6 +201,7 @@ class LiteDescriber(Describer):
         for idx in groups.values():
             x = self._to_tensor([images[i] for i in idx])
             h, w = x.shape[-2:]
+            check_aspect(int(w), int(h), "image")  # the same work bound as every model
             desc = torch.zeros(len(idx), DIM, device=self.device)
             for s in self.scales:
                 fmap = self.net.features(self._prep(x, _resized_size(h, w, self.max_side * s)))
