@@ -85,10 +85,23 @@ def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8421, toke
         note = " (token required on /api/)" if token else ""
         sys.stderr.write(f"loaded {pairs} in {time.perf_counter() - t0:.1f} s\nserving {url}{note}  (Ctrl-C to stop)\n")
         sys.stderr.flush()
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning" if quiet else "info",
+    import copy
+
+    from uvicorn.config import LOGGING_CONFIG
+
+    log_config = copy.deepcopy(LOGGING_CONFIG)
+    log_config["handlers"]["access"]["stream"] = "ext://sys.stderr"  # logs go to stderr, never stdout
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning" if quiet else "info", log_config=log_config,
                             access_log=not quiet, timeout_graceful_shutdown=10, server_header=False,
                             lifespan="off")
-    server = uvicorn.Server(config)
+
+    class _Server(uvicorn.Server):
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            # Ctrl-C / SIGTERM is how this server is meant to stop: finish cleanly (exit 0), do not re-raise it
+            getattr(self, "_captured_signals", []).clear()
+
+    server = _Server(config)
     if open_browser:
         threading.Thread(target=_open_browser_when_up, args=(server, url), daemon=True).start()
     try:
