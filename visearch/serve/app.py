@@ -110,7 +110,7 @@ class BodyLimit:
             if msg["type"] == "http.request":
                 received += len(msg.get("body", b""))
                 if received > self.limit:
-                    raise _TooLarge()
+                    raise _TooLarge(self._message())
             return msg
 
         async def tracked_send(msg):
@@ -183,6 +183,10 @@ def create_app(service: SearchService, token: str | None = None):
     @app.exception_handler(VisearchError)
     async def _visearch_error(request: Request, e: VisearchError):
         return _error(status_of(e), str(e))
+
+    @app.exception_handler(_TooLarge)
+    async def _too_large(request: Request, e: _TooLarge):  # a chunked body passed the limit while being read
+        return _error(413, str(e))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):

@@ -276,6 +276,10 @@ function render(dataset) {
 
   const out = $("results");
   out.replaceChildren();
+  if (res.crops.length > 1) {  // the merged ranking first: it is the answer; the rows per crop explain it
+    out.append(el("div", { class: "crop-row merged", "data-crop": "merged" },
+      el("h2", { text: "merged (best score per image over " + res.crops.length + " crops)" }), hitsRow(res.merged, dataset)));
+  }
   const rows = res.crops.map((c, i) => ({ c, i }));
   rows.forEach(({ c, i }) => {
     const colour = COLOURS[i % COLOURS.length];
@@ -286,10 +290,6 @@ function render(dataset) {
       hitsRow(c.results, dataset));
     out.append(row);
   });
-  if (res.crops.length > 1) {
-    out.append(el("div", { class: "crop-row merged", "data-crop": "merged" },
-      el("h2", { text: "merged (best score per image)" }), hitsRow(res.merged, dataset)));
-  }
 }
 
 function hitsRow(results, dataset) {
