@@ -131,6 +131,9 @@ function setPhoto(src, size) {
   return new Promise((resolve) => {
     img.onload = () => {
       if (!state.size) state.size = [img.naturalWidth, img.naturalHeight];
+      // shown at most 520 x 420 px, small photos enlarged too (boxes are drawn in image pixels on top)
+      const scale = Math.min(520 / state.size[0], 420 / state.size[1]);
+      img.style.width = Math.round(state.size[0] * scale) + "px";
       $("overlay").setAttribute("viewBox", "0 0 " + state.size[0] + " " + state.size[1]);
       $("overlay").setAttribute("preserveAspectRatio", "none");
       $("query-view").hidden = false;
