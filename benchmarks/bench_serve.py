@@ -45,7 +45,7 @@ def query_images(args) -> list[Path]:
     if args.queries:
         files = sorted(p for p in Path(args.queries).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     else:
-        from visearch.dataset import load_dataset
+        from visearch.data import load_dataset
 
         ds = load_dataset(args.data_dir, args.dataset)
         ids = ds.qimlist or ds.imlist

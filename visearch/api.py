@@ -40,11 +40,11 @@ def convert(source: str | Path, name: str, data_dir: str | Path | None = None,
     """Folder of images (or a revisitop dataset folder) -> `<data_dir>/<name>` in revisitop layout.
 
     `replace` allows converting a different source folder into an existing dataset name."""
-    from . import dataset, progress
+    from . import data, progress
 
     with progress.task(f"convert {name}", None, quiet) as advance:
-        return dataset.convert(source, _data_dir(data_dir), name, ground_truth=ground_truth, progress=advance,
-                               on_total=advance.set_total, replace=replace)
+        return data.convert(source, _data_dir(data_dir), name, ground_truth=ground_truth, progress=advance,
+                            on_total=advance.set_total, replace=replace)
 
 
 # ---- extract --------------------------------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
     New images are described, deleted ones tombstoned, changed ones (new size or mtime) tombstoned and re-described.
     Work is committed in shards of about `shard_rows` images, so a killed run resumes where it stopped."""
     from . import progress
-    from .dataset import load_dataset
+    from .data import load_dataset
     from .images import image_size
     from .registry import load_model
     from .store import Store, StoreWriter, remove_store, store_path
@@ -237,7 +237,7 @@ class Searcher:
                  weights: str | Path | None = None, weights_dir: str | Path | None = None, device: str = "auto",
                  rerank: bool = True, detector: str | None = None, detector_options: dict[str, Any] | None = None,
                  describer=None):
-        from .dataset import load_dataset
+        from .data import load_dataset
         from .device import resolve_device
         from .registry import load_detector, load_model, load_reranker
 

@@ -4,6 +4,8 @@ Heavy libraries (torch, h5py, transformers) are imported inside the commands, so
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -15,7 +17,7 @@ from typing import List, Optional
 os.environ.setdefault("TYPER_USE_RICH", "0")
 import typer  # noqa: E402
 
-from .errors import UsageError, VisearchError  # noqa: E402
+from .errors import UsageError, VisearchError, first_line  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Instance-level visual search: convert, extract, detect, query, eval, bench.")
@@ -48,14 +50,42 @@ def _info(msg: str) -> None:
         sys.stderr.write(msg + "\n")
 
 
+QUIET_HELP = "No progress bars or notes on stderr."
+VERBOSE_HELP = "Log details to stderr."
+
+
+def _set_output(quiet: bool, verbose: bool) -> None:
+    state.quiet = state.quiet or quiet
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def _output_flags(func):
+    """Let a command also take --quiet/--verbose after its name (`visearch extract shop --quiet`), as before it."""
+    sig = inspect.signature(func)
+    extra = [inspect.Parameter("late_quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, "--quiet", "-q", help=QUIET_HELP)),
+             inspect.Parameter("late_verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP))]
+
+    @functools.wraps(func)
+    def wrapper(*args, late_quiet: bool = False, late_verbose: bool = False, **kwargs):
+        _set_output(late_quiet, late_verbose)
+        return func(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    wrapper.__annotations__ = {**func.__annotations__, "late_quiet": "bool", "late_verbose": "bool"}
+    return wrapper
+
+
 @app.callback()
 def _main(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="VISEARCH_DATA_DIR",
                                             help="Where datasets and stores live [default: ./data]."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", envvar="VISEARCH_WEIGHTS_DIR",
                                                help="Where weight files live [default: ./weights]."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or notes on stderr."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details to stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     state.data_dir, state.weights_dir, state.quiet = data_dir, weights_dir, quiet
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
@@ -64,6 +94,7 @@ def _main(
 
 # ---- convert --------------------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def convert(
     source: Path = typer.Argument(..., help="Folder of images (recursive), or a revisitop dataset folder."),
     name: str = typer.Option(..., "--name", "-n", help="Dataset name (folder under the data dir)."),
@@ -85,6 +116,7 @@ def convert(
 
 # ---- extract --------------------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def extract(
     dataset: str = typer.Argument(..., help="Dataset name (see `visearch convert`)."),
     model: str = typer.Option("lite", "--model", "-m", help="Model name (`visearch models`)."),
@@ -131,6 +163,7 @@ DEFAULT_PROMPT_HELP = ("Phrases always looked for besides --prompt (Grounding DI
 
 
 @app.command()
+@_output_flags
 def query(
     images: List[str] = typer.Argument(..., help="Query images, a .txt list of paths, or - for paths on stdin."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset to search."),
@@ -276,6 +309,7 @@ def ui(
 
 # ---- eval -----------------------------------------------------------------------------------------------------------
 @app.command("eval")
+@_output_flags
 def eval_(
     dataset: str = typer.Argument(..., help="Dataset with ground truth."),
     model: str = typer.Option("lite", "--model", "-m"),
@@ -314,6 +348,7 @@ def eval_(
 
 # ---- detect ---------------------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def detect(
     image: Path = typer.Argument(..., help="Image to search for regions."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to look for, e.g. 'clothes . bag'."),
@@ -359,6 +394,7 @@ def detect(
 
 # ---- models and weights ---------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def models() -> None:
     """List the model names."""
     from .config import load_model_config, model_names
@@ -370,6 +406,7 @@ def models() -> None:
 
 
 @weights_app.command("list")
+@_output_flags
 def weights_list() -> None:
     """Weight files each model needs, whether they are present, and where they come from."""
     from . import config, weights
@@ -383,6 +420,7 @@ def weights_list() -> None:
 
 
 @weights_app.command("download")
+@_output_flags
 def weights_download(names: List[str] = typer.Argument(..., help="Items or model names from `weights list`.")) -> None:
     """Download weight files (resumable, size/hash checked, written atomically)."""
     from . import config, progress, weights
@@ -402,6 +440,7 @@ def weights_download(names: List[str] = typer.Argument(..., help="Items or model
 
 
 @weights_app.command("verify")
+@_output_flags
 def weights_verify(all_items: bool = typer.Option(False, "--all", help="Also list missing items.")) -> None:
     """Check sizes, hashes and safe loadability of the weight files present."""
     from . import config, weights
@@ -433,6 +472,7 @@ def _write_json_result(obj: dict, dest: Optional[str]) -> None:
 
 
 @bench_app.callback(invoke_without_command=True)
+@_output_flags
 def bench(
     ctx: typer.Context,
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset to benchmark on (required)."),
@@ -465,7 +505,7 @@ def bench(
         try:
             old = json.loads(compare_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read {compare_path} as a bench JSON result ({str(e).splitlines()[0][:120]})",
+            raise UsageError(f"cannot read {compare_path} as a bench JSON result ({first_line(e, 120)})",
                              "pass a file written by `visearch bench --json FILE`") from None
     result = bench_mod.run(dataset, models_.split(","), data_dir=state.data_dir, weights_dir=state.weights_dir,
                            weights=weights, device=device, queries=queries, warmup=warmup, sample=sample,
@@ -484,6 +524,7 @@ def bench(
 
 
 @bench_app.command("scale")
+@_output_flags
 def bench_scale(
     sizes: str = typer.Option("10k,100k,1M", "--sizes", help="Numbers of stored descriptors, e.g. 10k,100k,1M."),
     dim: int = typer.Option(2048, "--dim", min=1, help="Descriptor dimension (float16)."),
@@ -522,8 +563,8 @@ def main() -> None:
     except Exception as e:  # an unexpected bug: still one line, with a way to see more
         if os.environ.get("VISEARCH_DEBUG"):
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        sys.stderr.write(f"error: unexpected {type(e).__name__}: {first} (set VISEARCH_DEBUG=1 for a traceback)\n")
+        sys.stderr.write(f"error: unexpected {type(e).__name__}: {first_line(e, 300)} "
+                         "(set VISEARCH_DEBUG=1 for a traceback)\n")
         sys.exit(1)
 
 

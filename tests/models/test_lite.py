@@ -96,7 +96,7 @@ def test_rescaled_and_cropped_copies_retrieve_their_source(model, db):
 
 
 def test_weights_sha256_is_the_file_hash(model, weights_path):
-    from visearch.models.base import sha256_file
+    from visearch.fsutil import sha256_file
 
     assert model.weights_sha256 == sha256_file(weights_path)
     assert lite.cached_sha256(weights_path) == model.weights_sha256

@@ -34,17 +34,13 @@ STATIC = ROOT / "visearch" / "serve" / "static"
 @pytest.fixture(scope="module")
 def service(serve_collection):
     """The real service over the collection the e2e fixture described with fast lite settings (same override)."""
-    from visearch import api, config, registry
+    from visearch import config
 
-    original = config.load_model_config
-
-    def fast(name, overrides=None):
-        cfg = original(name, overrides)
+    def fast(cfg):
         return config.merge(cfg, {"describe": dict(FAST_DESCRIBE)}) if cfg.get("family") == "lite" else cfg
 
-    with pytest.MonkeyPatch.context() as mp:
-        for mod in (config, registry, api):
-            mp.setattr(mod, "load_model_config", fast, raising=False)
+    with pytest.MonkeyPatch.context() as mp:  # the config hook only while this module runs
+        mp.setattr(config, "_HOOKS", [*config._HOOKS, fast])
         svc = SearchService(ServeOptions(datasets=["shop"], data_dir=serve_collection["data"], device="cpu",
                                          max_upload_bytes=256 * 1024, max_pending=1))
         yield svc

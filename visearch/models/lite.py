@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ImageError, ModelError, WeightsError
+from ..fsutil import sha256_file
 from ..weights import safe_torch_load
-from .base import Describer, Features, sha256_file
+from .base import Describer, Features
 
 log = logging.getLogger(__name__)
 
