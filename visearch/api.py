@@ -59,12 +59,12 @@ def convert(source: str | Path, name: str, data_dir: str | Path | None = None,
     """Folder of images (or a revisitop dataset folder) -> `<data_dir>/<name>` in revisitop layout.
 
     `replace` allows converting a different source folder into an existing dataset name."""
-    from . import dataset, progress
+    from . import data, progress
 
     ddir = _data_dir(data_dir)
     with _writing(f"the data dir {ddir}"), progress.task(f"convert {name}", None, quiet) as advance:
-        return dataset.convert(source, ddir, name, ground_truth=ground_truth, progress=advance,
-                               on_total=advance.set_total, replace=replace)
+        return data.convert(source, ddir, name, ground_truth=ground_truth, progress=advance,
+                            on_total=advance.set_total, replace=replace)
 
 
 # ---- extract --------------------------------------------------------------------------------------------------------
@@ -139,7 +139,7 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
 def _extract(dataset, model, data_dir, weights, weights_dir, device, batch_size, workers, rebuild, shard_rows,
              quiet, describer) -> ExtractReport:
     from . import progress
-    from .dataset import load_dataset
+    from .data import load_dataset
     from .images import check_aspect, image_size
     from .registry import load_model
     from .store import Store, StoreWriter, remove_store, store_path
@@ -258,7 +258,12 @@ def _decoded_batches(ds, batches: list[list[str]], workers: int | None):
     else:
         import torch.utils.data as tud
 
-        decoded = tud.DataLoader(items, batch_sampler=index_batches, num_workers=workers, collate_fn=collate_list)
+        from .workers import worker_init
+
+        # workers die with this process (a SIGKILLed extract leaves no orphan); forked children never hold the store
+        # lock (store.py drops it at fork)
+        decoded = tud.DataLoader(items, batch_sampler=index_batches, num_workers=workers, collate_fn=collate_list,
+                                 worker_init_fn=worker_init())
     for b, got in zip(batches, decoded):
         arrays = [a if isinstance(a, np.ndarray) else None for _, a in got]
         errors = [(i, a) for i, (_, a) in zip(b, got) if isinstance(a, str)]
@@ -273,7 +278,7 @@ class Searcher:
                  weights: str | Path | None = None, weights_dir: str | Path | None = None, device: str = "auto",
                  rerank: bool = True, detector: str | None = None, detector_options: dict[str, Any] | None = None,
                  describer=None):
-        from .dataset import load_dataset
+        from .data import load_dataset
         from .device import resolve_device
         from .registry import load_detector, load_model, load_reranker
 
@@ -339,24 +344,39 @@ class Searcher:
         return np.concatenate([sl.rows, rows[:, m:]], 1), np.concatenate([sl.sims, sims[:, m:]], 1)
 
     def query(self, image: str | Path | np.ndarray, prompt: str | None = None, top_k: int = 5,
-              max_boxes: int = 5, timings: dict[str, float] | None = None) -> dict[str, Any]:
-        """One query image -> the documented JSON object (crops with their results, and a merged ranking)."""
-        from .detectors.base import crop, select_crops
+              max_boxes: int = 5, timings: dict[str, float] | None = None, *, detector=None,
+              box: Sequence[float] | None = None, rerank: bool = True) -> dict[str, Any]:
+        """One query image -> the documented JSON object (crops with their results, and a merged ranking).
+
+        `detector` replaces this Searcher's detector for this query (the server keeps one per name); `box`
+        `[x0, y0, x1, y1]` (pixels) searches only that region, as one crop labelled "region"; `rerank=False` keeps
+        the global ranking."""
+        from .detectors.base import Box, clip_box, crop, select_crops
         from .images import aspect_problem, check_aspect, load_rgb
 
         t = time.perf_counter
         t0 = t()
         img = load_rgb(image)
-        boxes = self.detector.detect(img, prompt) if self.detector_name != "none" else []
         name = str(image) if not isinstance(image, np.ndarray) else "<array>"
         check_aspect(img.shape[1], img.shape[0], name)  # bounded work: a 2000x1 strip is refused in one line
-        crops = select_crops(boxes, (img.shape[1], img.shape[0]), max_boxes=max_boxes)
+        if box is not None:
+            b = clip_box(Box(*(float(v) for v in box), None, "region"), img.shape[1], img.shape[0])
+            if b.width < 1 or b.height < 1:
+                raise ImageError(f"region {list(box)} is empty inside the {img.shape[1]}x{img.shape[0]} image",
+                                 "draw a box inside the photo")
+            crops = [b]
+        else:
+            det = self.detector if detector is None else detector
+            boxes = det.detect(img, prompt) if (detector is not None or self.detector_name != "none") else []
+            crops = select_crops(boxes, (img.shape[1], img.shape[0]), max_boxes=max_boxes)
         crops = [b for b in crops if aspect_problem(round(b.width), round(b.height)) is None]
+        if not crops:
+            raise ImageError(f"{name}: every crop is too elongated to describe", "draw a less extreme box")
         t1 = t()
         feats = self.describe_queries([crop(img, b) for b in crops])
         t2 = t()
         stages: dict[str, float] = {}
-        rows, sims = self.search_features(feats, top_k, timings=stages)
+        rows, sims = self.search_features(feats, top_k, rerank=rerank, timings=stages)
         t3 = t()
         if timings is not None:
             timings.update(detect=t1 - t0, describe=t2 - t1, total=t3 - t0, **stages)

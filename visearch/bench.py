@@ -242,7 +242,7 @@ def bench_model(dataset: str, model: str, *, data_dir: str | Path | None = None,
                 quiet: bool = True) -> dict[str, Any]:
     """All figures of one model on one dataset (one entry of `run()`'s "models")."""
     from . import api
-    from .dataset import load_dataset
+    from .data import load_dataset
     from .device import resolve_device
     from .registry import load_model
 
@@ -346,7 +346,7 @@ def run(dataset: str, models: Sequence[str] = ("lite",), *, data_dir: str | Path
     `threads` sets torch's CPU threads (recorded in machine.torch_threads)."""
     from . import api
     from .config import load_model_config
-    from .dataset import load_dataset
+    from .data import load_dataset
     from .device import resolve_device
 
     models = list(dict.fromkeys(m.strip() for m in models if m.strip()))

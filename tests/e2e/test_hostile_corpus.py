@@ -29,7 +29,7 @@ from PIL import Image
 
 from tests.e2e.fast_cli import COMMAND, cli, cli_env
 from tests.photos import photo_array, write_photos
-from visearch.dataset import load_dataset
+from visearch.data import load_dataset
 
 NAMES = ["coffee", "rocket", "chelsea", "camera"]
 NO_DAC = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]  # root obeying permission bits

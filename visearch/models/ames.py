@@ -25,9 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ModelError, WeightsError
+from ..fsutil import sha256_file
 from ..images import check_aspect, work_scale
 from ..rerankers.ames import CHECKPOINTS, ITQ_BITS, MODEL_DIM, PACKED_BYTES, load_ames
-from .base import Describer, Features, LocalField, sha256_file
+from .base import Describer, Features, LocalField
 from .resnet import CVNetResNet, load_cvnet_state
 from .superglobal import DEFAULT_DESCRIBE as SG_DEFAULTS
 from .superglobal import MEAN_BGR, STD_BGR, SuperGlobal
