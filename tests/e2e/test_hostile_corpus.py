@@ -341,3 +341,160 @@ def test_ctrl_c_prints_interrupted_and_exits_130(base):
     finally:
         p.kill()
     assert p.returncode == 130 and err.strip() == "interrupted", (p.returncode, err)
+
+
+# ---- dataset files: ids, pickles, atomic convert --------------------------------------------------------------------
+def _revisitop_folder(root: Path, name: str, cfg: dict) -> Path:
+    """An official-layout folder: jpg/a.jpg (+ b.jpg) and gnd_<name>.pkl holding `cfg`."""
+    import pickle
+
+    folder = root / name
+    (folder / "jpg").mkdir(parents=True)
+    for n in ("a", "b"):
+        Image.fromarray(photo_array("coffee", 48)).save(folder / "jpg" / f"{n}.jpg")
+    (folder / f"gnd_{name}.pkl").write_bytes(pickle.dumps(cfg, protocol=2))
+    return folder
+
+
+@pytest.mark.parametrize("bad_id", ["../../../../../../{outside}/precious", "{outside}/precious", "a\0b", "sub/a",
+                                    "..", ""])
+def test_gnd_ids_cannot_reach_outside_the_dataset_folder(tmp_path, bad_id):
+    outside = tmp_path / "home"
+    outside.mkdir()
+    precious = outside / "precious.jpg"
+    precious.write_bytes(b"user data")
+    iid = bad_id.format(outside=outside)
+    src = _revisitop_folder(tmp_path / "dl", "evil", {"imlist": ["a", iid], "qimlist": [], "gnd": []})
+    if "precious" in iid:  # the issue's case: a file of that name exists where the id points
+        os.symlink(precious, src / "jpg" / "dummy.jpg")
+    data = tmp_path / "data"
+    one_line_error(cli("-q", "convert", src, "--name", "evil", data=data, check=False), "image id", "refusing")
+    assert precious.read_bytes() == b"user data" and not precious.is_symlink()
+    assert not (data / "evil").exists()
+    # the same folder dropped into the data dir as is: every reader refuses it too
+    shutil.copytree(src, data / "evil", symlinks=True)
+    one_line_error(cli("-q", "extract", "evil", data=data, check=False), "image id")
+
+
+def test_sources_json_ids_and_a_jpg_link_out_of_the_dataset(base, tmp_path):
+    src, data = _copy(base, tmp_path)
+    spath = data / "shop" / "sources.json"
+    meta = json.loads(spath.read_text())
+    good = spath.read_text()
+    first = next(iter(meta["images"]))
+    meta["images"]["../../../victim"] = meta["images"].pop(first)
+    spath.write_text(json.dumps(meta))
+    victim = tmp_path / "victim.jpg"
+    victim.write_bytes(b"keep me")
+    for args in (("convert", src, "--name", "shop"), ("extract", "shop"), ("query", base["photos"]["coffee"], "-d",
+                                                                             "shop")):
+        one_line_error(cli("-q", *args, data=data, check=False), "sources.json", "image id")
+    assert victim.read_bytes() == b"keep me"
+    spath.write_text(good)
+    # jpg/ replaced by a link to a folder elsewhere: convert refuses to write through it
+    elsewhere = tmp_path / "elsewhere"
+    shutil.move(data / "shop" / "jpg", elsewhere)
+    os.symlink(elsewhere, data / "shop" / "jpg")
+    before = sorted(os.listdir(elsewhere))
+    write_photos(src, ["astronaut"], max_side=64)
+    one_line_error(cli("-q", "convert", src, "--name", "shop", data=data, check=False), "not inside")
+    assert sorted(os.listdir(elsewhere)) == before
+
+
+def _billion_laughs(depth: int = 40) -> list:
+    x: list = ["lol"]
+    for _ in range(depth):
+        x = [x, x]
+    return x
+
+
+@pytest.mark.parametrize("cfg,words", [
+    ({"imlist": _billion_laughs(), "qimlist": [], "gnd": []}, ["more than"]),  # 2**40 nodes from ~300 bytes
+    ({"imlist": ["a", "b"], "qimlist": ["a"], "gnd": [{"easy": _billion_laughs()}]}, ["more than"]),
+    ({"imlist": ["a", "b"], "qimlist": [], "gnd": 5}, ["gnd is a int"]),
+    ({"imlist": "ab", "qimlist": [], "gnd": []}, ["imlist is not a list"]),
+    ({"imlist": ["a", 7], "qimlist": [], "gnd": []}, ["imlist is not a list"]),
+    ({"imlist": ["a", "b"], "qimlist": ["a"], "gnd": [[0, 1]]}, ["gnd[0] is a list"]),
+])
+def test_gnd_pickle_bombs_and_wrong_types(tmp_path, cfg, words):
+    data = tmp_path / "data"
+    folder = _revisitop_folder(data, "g", cfg)
+    assert len((folder / "gnd_g.pkl").read_bytes()) < 2000
+    t0 = time.monotonic()
+    one_line_error(cli("-q", "eval", "g", data=data, check=False), "gnd_g.pkl", *words)
+    assert time.monotonic() - t0 < 30  # was a minute and a MemoryError
+    from visearch.data.revisitop import read_gnd, validate_gnd
+    from visearch.errors import DatasetError
+
+    t0 = time.monotonic()
+    with pytest.raises(DatasetError):
+        validate_gnd(read_gnd(folder / "gnd_g.pkl"), folder / "gnd_g.pkl")
+    assert time.monotonic() - t0 < 1.0
+
+
+def test_failed_or_killed_first_convert_leaves_nothing_that_blocks(tmp_path):
+    src = tmp_path / "src"
+    write_photos(src, NAMES, max_side=64)
+    data = tmp_path / "data"
+    gt = tmp_path / "gt.csv"
+    gt.write_text("query,x1,y1,x2,y2,positives\ncoffee.jpg,5000,5000,6000,6000,rocket.jpg\n")  # fails after encoding
+    one_line_error(cli("-q", "convert", src, "--name", "x", "--ground-truth", gt, data=data, check=False), "outside")
+    assert not (data / "x").exists() and [p for p in data.iterdir()] == []
+    # SIGKILL in the middle of a first conversion (many files, killed once some are written)
+    big = tmp_path / "big"
+    for k in range(40):
+        write_photos(big / f"d{k}", ["chelsea", "astronaut"], max_side=200)
+    p = popen_cli("-q", "convert", big, "--name", "x", data=data)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not any(data.glob(".x.build-*/jpg/*.jpg")):
+        time.sleep(0.05)
+    p.kill()
+    p.wait()
+    assert not (data / "x").exists()
+    conv = json.loads(cli("-q", "convert", src, "--name", "x", "--json", data=data).stdout)
+    assert conv["n_images"] == len(NAMES) and sorted(os.listdir(data)) == ["x"]
+
+
+def popen_cli(*args, data):
+    return subprocess.Popen([*COMMAND, "--data-dir", str(data), *[str(a) for a in args]], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env=cli_env())
+
+
+def test_ground_truth_checked_before_any_image_is_re_encoded(base, tmp_path):
+    src, data = _copy(base, tmp_path)
+    jpgs = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (data / "shop" / "jpg").iterdir()}
+    Image.fromarray(photo_array("camera", 80)).save(src / "coffee.jpg")  # a changed image
+    write_photos(src, ["astronaut"], max_side=64)  # and a new one
+    cases = {"box.csv": "query,x1,y1,x2,y2,positives\ncoffee.jpg,0,0,1e400,1e400,rocket.jpg\n",
+             "nan.csv": "query,x1,y1,x2,y2,positives\ncoffee.jpg,nan,nan,nan,nan,rocket.jpg\n",
+             "int.json": '{"queries": [{"image": "coffee.jpg", "positives": 5}]}',
+             "str.json": '{"queries": [{"image": "coffee.jpg", "positives": "rocket.jpg"}]}',
+             "box.json": '{"queries": [{"image": "coffee.jpg", "bbox": {"x": 1}, "positives": ["rocket.jpg"]}]}'}
+    words = {"box.csv": "four finite", "nan.csv": "four finite", "int.json": "must be a list",
+             "str.json": "must be a list", "box.json": "four finite"}
+    for fname, text in cases.items():
+        gt = tmp_path / fname
+        gt.write_text(text)
+        one_line_error(cli("-q", "convert", src, "--name", "shop", "--ground-truth", gt, data=data, check=False),
+                       fname, words[fname])
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in (data / "shop" / "jpg").iterdir()} == jpgs
+
+
+def test_dataset_folder_as_its_own_source_is_refused(base, tmp_path):
+    src, data = _copy(base, tmp_path)
+    before = (data / "shop" / "sources.json").read_bytes()
+    for folder in (data / "shop", data / "shop" / "jpg"):
+        one_line_error(cli("-q", "convert", folder, "--name", "shop", data=data, check=False), "into itself")
+    assert (data / "shop" / "sources.json").read_bytes() == before
+
+
+def test_replace_after_a_move_re_points_the_sources(base, tmp_path):
+    src, data = _copy(base, tmp_path)
+    moved = tmp_path / "moved"
+    src.rename(moved)
+    conv = json.loads(cli("-q", "convert", moved, "--name", "shop", "--replace", "--json", data=data).stdout)
+    assert conv["unchanged"] == len(NAMES) and conv["added"] == []  # nothing re-encoded
+    ds = load_dataset(data, "shop")
+    assert all(Path(p).parent == moved.resolve() for p in ds.sources.values()), ds.sources
+    q = cli("-q", "query", base["photos"]["coffee"], "-d", "shop", "--paths", "--top-k", "1", data=data)
+    assert q.stdout.strip() == str(moved.resolve() / "coffee.jpg")
