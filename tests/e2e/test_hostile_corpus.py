@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -127,26 +128,35 @@ def test_flipped_byte_in_a_shard_is_caught_by_extract_and_named(base, tmp_path):
     q = cli("-q", "query", base["photos"]["coffee"], base["photos"]["camera"], "-d", "shop", data=data, check=False)
     line = one_line_error(q, shard.name)
     assert not line.startswith(f"error: {base['photos']['coffee']}") and q.stdout == ""
-    r = json.loads(cli("-q", "extract", "shop", "--rebuild", "--json", data=data).stdout)
-    assert r["added"] == len(NAMES) and r["failed"] == []
 
 
-@pytest.mark.parametrize("edit,words", [
+MANIFEST_CASES = [
+    (lambda m: m["shards"][0].update(file="../../../sources.json"), ["not a plain shard name"]),
     (lambda m: m.update(dim=-3), ["dim"]),
     (lambda m: m["shards"][0].update(rows=-1), ["rows"]),
     (lambda m: m["shards"][0].update(dead=[10 ** 9]), ["dead rows"]),
-    (lambda m: m["shards"][0].update(file="../../../sources.json"), ["not a plain shard name"]),
     (lambda m: m.update(local_fields={"x": {"shape": [0], "dtype": "uint8"}}), ["local field"]),
     (lambda m: m.update(shards={"a": 1}), ["shards"]),
-])
-def test_store_manifest_fields_out_of_range(base, tmp_path, edit, words):
+    (lambda m: m.update(dtype="object"), ["dtype"]),
+]
+
+
+def test_store_manifest_fields_out_of_range(base, tmp_path):
+    from visearch.errors import StoreError
+    from visearch.store import Store
+
     src, data = _copy(base, tmp_path)
     mpath = data / "shop" / "features" / "lite" / "manifest.json"
-    m = json.loads(mpath.read_text())
-    edit(m)
-    mpath.write_text(json.dumps(m))
-    one_line_error(cli("-q", "query", base["photos"]["coffee"], "-d", "shop", data=data, check=False),
-                   "manifest", "corrupt", *words)
+    good = mpath.read_text()
+    for k, (edit, words) in enumerate(MANIFEST_CASES):
+        m = json.loads(good)
+        edit(m)
+        mpath.write_text(json.dumps(m))
+        if k < 2:  # through the CLI; the others in-process (the same Store.open)
+            one_line_error(cli("-q", "query", base["photos"]["coffee"], "-d", "shop", data=data, check=False),
+                           "manifest", "corrupt", *words)
+        with pytest.raises(StoreError, match=re.escape(words[0])):
+            Store.open(mpath.parent)
 
 
 # ---- denial of service --------------------------------------------------------------------------------------------
@@ -178,7 +188,7 @@ def test_extreme_aspect_ratios_are_bounded_and_heic_is_read(tmp_path):
 
 
 # ---- weights --------------------------------------------------------------------------------------------------------
-def test_weights_verify_reports_every_garbage_file(tmp_path):
+def test_weights_verify_reports_every_garbage_file(base, tmp_path):
     import io
     import struct
     import zipfile
@@ -210,11 +220,10 @@ def test_weights_verify_reports_every_garbage_file(tmp_path):
         assert item in lines and " BAD " in lines[item], (item, p.stdout)
     assert "data_offsets" in lines["grounding-dino-tiny"]
     # the same text file as --weights: one line naming it
-    data = tmp_path / "data"
-    write_photos(tmp_path / "src", ["coffee"], max_side=64)
-    cli("-q", "convert", tmp_path / "src", "--name", "x", data=data)
-    one_line_error(cli("-q", "extract", "x", "--model", "superglobal-r50", "--weights", w / "CVPR2022_CVNet_R50.pyth",
-                       data=data, check=False), "CVPR2022_CVNet_R50.pyth", "not a PyTorch file")
+    one_line_error(cli("-q", "extract", "shop", "--model", "superglobal-r50", "--weights",
+                       w / "CVPR2022_CVNet_R50.pyth", data=base["data"], check=False),
+                   "CVPR2022_CVNet_R50.pyth", "not a PyTorch file")
+    assert not (base["data"] / "shop" / "features" / "superglobal-r50").exists()
 
 
 # ---- one-line errors ------------------------------------------------------------------------------------------------
@@ -356,8 +365,7 @@ def _revisitop_folder(root: Path, name: str, cfg: dict) -> Path:
     return folder
 
 
-@pytest.mark.parametrize("bad_id", ["../../../../../../{outside}/precious", "{outside}/precious", "a\0b", "sub/a",
-                                    "..", ""])
+@pytest.mark.parametrize("bad_id", ["../../../../../../{outside}/precious", "{outside}/precious"])
 def test_gnd_ids_cannot_reach_outside_the_dataset_folder(tmp_path, bad_id):
     outside = tmp_path / "home"
     outside.mkdir()
@@ -401,6 +409,20 @@ def test_sources_json_ids_and_a_jpg_link_out_of_the_dataset(base, tmp_path):
     assert sorted(os.listdir(elsewhere)) == before
 
 
+@pytest.mark.parametrize("bad_id", ["a\0b", "sub/a", "..", "", ".hidden", "a\\b", " a", "x" * 300, "a\nb", 7])
+def test_every_unsafe_id_is_refused(tmp_path, bad_id):
+    """The same check in-process for the other kinds of unsafe id (the CLI path is the one above)."""
+    import pickle
+
+    from visearch.data.revisitop import read_gnd, validate_gnd
+    from visearch.errors import DatasetError
+
+    p = tmp_path / "gnd_x.pkl"
+    p.write_bytes(pickle.dumps({"imlist": ["a", bad_id], "qimlist": [], "gnd": []}, protocol=2))
+    with pytest.raises(DatasetError, match="image id|not a list of image names"):
+        validate_gnd(read_gnd(p), p)
+
+
 def _billion_laughs(depth: int = 40) -> list:
     x: list = ["lol"]
     for _ in range(depth):
@@ -408,26 +430,32 @@ def _billion_laughs(depth: int = 40) -> list:
     return x
 
 
-@pytest.mark.parametrize("cfg,words", [
+GND_CASES = [
     ({"imlist": _billion_laughs(), "qimlist": [], "gnd": []}, ["more than"]),  # 2**40 nodes from ~300 bytes
-    ({"imlist": ["a", "b"], "qimlist": ["a"], "gnd": [{"easy": _billion_laughs()}]}, ["more than"]),
     ({"imlist": ["a", "b"], "qimlist": [], "gnd": 5}, ["gnd is a int"]),
+    ({"imlist": ["a", "b"], "qimlist": ["a"], "gnd": [{"easy": _billion_laughs()}]}, ["more than"]),
     ({"imlist": "ab", "qimlist": [], "gnd": []}, ["imlist is not a list"]),
     ({"imlist": ["a", 7], "qimlist": [], "gnd": []}, ["imlist is not a list"]),
     ({"imlist": ["a", "b"], "qimlist": ["a"], "gnd": [[0, 1]]}, ["gnd[0] is a list"]),
-])
-def test_gnd_pickle_bombs_and_wrong_types(tmp_path, cfg, words):
+    ({"imlist": ["a", "b"], "qimlist": [], "gnd": [], "x": {(1, 2): 3}}, ["dict key"]),
+]
+
+
+@pytest.mark.parametrize("k", range(len(GND_CASES)))
+def test_gnd_pickle_bombs_and_wrong_types(tmp_path, k):
+    cfg, words = GND_CASES[k]
     data = tmp_path / "data"
     folder = _revisitop_folder(data, "g", cfg)
     assert len((folder / "gnd_g.pkl").read_bytes()) < 2000
-    t0 = time.monotonic()
-    one_line_error(cli("-q", "eval", "g", data=data, check=False), "gnd_g.pkl", *words)
-    assert time.monotonic() - t0 < 30  # was a minute and a MemoryError
+    if k < 2:  # through the CLI (the others in-process: the same code path, a second each saved)
+        t0 = time.monotonic()
+        one_line_error(cli("-q", "eval", "g", data=data, check=False), "gnd_g.pkl", *words)
+        assert time.monotonic() - t0 < 30  # was a minute and a MemoryError
     from visearch.data.revisitop import read_gnd, validate_gnd
     from visearch.errors import DatasetError
 
     t0 = time.monotonic()
-    with pytest.raises(DatasetError):
+    with pytest.raises(DatasetError, match=re.escape(words[0])):
         validate_gnd(read_gnd(folder / "gnd_g.pkl"), folder / "gnd_g.pkl")
     assert time.monotonic() - t0 < 1.0
 
