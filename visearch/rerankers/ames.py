@@ -379,7 +379,7 @@ class AMESReranker(Reranker):
     """Reranks a global shortlist with AMES on the stored local tokens (`tokens`, `mask` fields of the store)."""
 
     name = "ames"
-    junk_behind_shortlist = True  # the AMES reference evaluation does this; see api.evaluate
+    junk_behind_shortlist = True  # the AMES reference evaluation does this; see pipeline/evaluate.py
 
     def __init__(self, model: AMES, shortlist_size: int = 100, query_len: int = 600, db_len: int = 50,
                  lam: float = 0.65, gamma: float = 0.20, batch_size: int = 50):
