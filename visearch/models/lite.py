@@ -158,6 +158,14 @@ def _resized_size(h: int, w: int, long_side: float) -> tuple[int, int]:
     return max(1, round(h * s)), max(1, round(w * s))
 
 
+def base_long_side(h: int, w: int, max_side: int, upscale: bool, min_side: int = 0) -> float:
+    """Long side in pixels at scale 1 for an `h` x `w` image: `max_side` for every image when `upscale`, else the
+    image's own long side capped at `max_side` (never enlarged, except up to `min_side` for tiny crops)."""
+    if upscale:
+        return float(max_side)
+    return float(min(max(max(h, w), min_side), max_side))
+
+
 class LiteDescriber(Describer):
     """Global descriptor: multi-scale GeM over EfficientNet-Lite0's last feature map, `[N, 1280]`."""
 
@@ -167,8 +175,11 @@ class LiteDescriber(Describer):
         self.scales = [float(s) for s in d.get("scales", [0.7071, 1.0, 1.4142])]
         self.gem_p = float(d.get("gem_p", 3.0))
         self.max_side = int(d.get("max_side", 320))
-        if not self.scales or self.gem_p <= 0 or self.max_side < 32:
-            raise ModelError("bad [describe] settings for lite", "need scales, gem_p > 0 and max_side >= 32")
+        self.upscale = bool(d.get("upscale", True))
+        self.min_side = int(d.get("min_side", 0))
+        if not self.scales or self.gem_p <= 0 or self.max_side < 32 or not 0 <= self.min_side <= self.max_side:
+            raise ModelError("bad [describe] settings for lite",
+                             "need scales, gem_p > 0, max_side >= 32 and 0 <= min_side <= max_side")
         self.net = net
 
     def _to_tensor(self, images: Sequence[np.ndarray]) -> torch.Tensor:
@@ -201,9 +212,10 @@ class LiteDescriber(Describer):
         for idx in groups.values():
             x = self._to_tensor([images[i] for i in idx])
             h, w = x.shape[-2:]
+            base = base_long_side(h, w, self.max_side, self.upscale, self.min_side)
             desc = torch.zeros(len(idx), DIM, device=self.device)
             for s in self.scales:
-                fmap = self.net.features(self._prep(x, _resized_size(h, w, self.max_side * s)))
+                fmap = self.net.features(self._prep(x, _resized_size(h, w, base * s)))
                 desc += F.normalize(self._gem(fmap.float()), dim=1)
             out[idx] = F.normalize(desc, dim=1).cpu().numpy()
         return Features(global_=out)

@@ -189,7 +189,12 @@ def _decoded_batches(ds, batches: list[list[str]], workers: int | None):
     else:
         import torch.utils.data as tud
 
-        decoded = tud.DataLoader(items, batch_sampler=index_batches, num_workers=workers, collate_fn=collate_list)
+        from ..workers import worker_init
+
+        # workers die with this process (a SIGKILLed extract leaves no orphan); forked children never hold the store
+        # lock (store.py drops it at fork)
+        decoded = tud.DataLoader(items, batch_sampler=index_batches, num_workers=workers, collate_fn=collate_list,
+                                 worker_init_fn=worker_init())
     for b, got in zip(batches, decoded):
         arrays = [a if isinstance(a, np.ndarray) else None for _, a in got]
         errors = [(i, a) for i, (_, a) in zip(b, got) if isinstance(a, str)]

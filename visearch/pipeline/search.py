@@ -3,13 +3,14 @@ answers query images with typed results (QueryResult.as_dict() is the documented
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ..errors import StoreError
+from ..errors import ImageError, StoreError
 from ..workspace import Workspace
 from .extract import open_store_for
 
@@ -111,21 +112,34 @@ class Searcher:
         return np.concatenate([sl.rows, rows[:, m:]], 1), np.concatenate([sl.sims, sims[:, m:]], 1)
 
     def search(self, image: str | Path | np.ndarray, prompt: str | None = None, top_k: int = 5,
-               max_boxes: int = 5, timings: dict[str, float] | None = None) -> QueryResult:
-        """One query image -> its crops with their results, and a merged ranking."""
-        from ..detectors.base import crop, select_crops
+               max_boxes: int = 5, timings: dict[str, float] | None = None, *, detector=None,
+               box: Sequence[float] | None = None, rerank: bool = True) -> QueryResult:
+        """One query image -> its crops with their results, and a merged ranking.
+
+        `detector` replaces this Searcher's detector for this query (the server keeps one per name); `box`
+        `[x0, y0, x1, y1]` (pixels) searches only that region, as one crop labelled "region"; `rerank=False` keeps
+        the global ranking."""
+        from ..detectors.base import Box, clip_box, crop, select_crops
         from ..images import load_rgb
 
         t = time.perf_counter
         t0 = t()
         img = load_rgb(image)
-        boxes = self.detector.detect(img, prompt) if self.detector_name != "none" else []
-        crops = select_crops(boxes, (img.shape[1], img.shape[0]), max_boxes=max_boxes)
+        if box is not None:
+            b = clip_box(Box(*(float(v) for v in box), None, "region"), img.shape[1], img.shape[0])
+            if b.width < 1 or b.height < 1:
+                raise ImageError(f"region {list(box)} is empty inside the {img.shape[1]}x{img.shape[0]} image",
+                                 "draw a box inside the photo")
+            crops = [b]
+        else:
+            det = self.detector if detector is None else detector
+            boxes = det.detect(img, prompt) if (detector is not None or self.detector_name != "none") else []
+            crops = select_crops(boxes, (img.shape[1], img.shape[0]), max_boxes=max_boxes)
         t1 = t()
         feats = self.describe_queries([crop(img, b) for b in crops])
         t2 = t()
         stages: dict[str, float] = {}
-        rows, sims = self.search_features(feats, top_k, timings=stages)
+        rows, sims = self.search_features(feats, top_k, rerank=rerank, timings=stages)
         t3 = t()
         if timings is not None:
             timings.update(detect=t1 - t0, describe=t2 - t1, total=t3 - t0, **stages)
@@ -147,6 +161,9 @@ class Searcher:
                            merged)
 
     def query(self, image: str | Path | np.ndarray, prompt: str | None = None, top_k: int = 5,
-              max_boxes: int = 5, timings: dict[str, float] | None = None) -> dict[str, Any]:
-        """One query image -> the documented JSON object (crops with their results, and a merged ranking)."""
-        return self.search(image, prompt, top_k, max_boxes, timings).as_dict()
+              max_boxes: int = 5, timings: dict[str, float] | None = None, *, detector=None,
+              box: Sequence[float] | None = None, rerank: bool = True) -> dict[str, Any]:
+        """One query image -> the documented JSON object (crops with their results, and a merged ranking); the
+        arguments are search()'s."""
+        return self.search(image, prompt, top_k, max_boxes, timings, detector=detector, box=box,
+                           rerank=rerank).as_dict()
