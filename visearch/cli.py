@@ -169,7 +169,8 @@ def query(
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset to search."),
     model: str = typer.Option("lite", "--model", "-m", help="Model name (`visearch models`)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint file."),
-    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Results per crop."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", min=1,
+                                        help="Results per crop [default: the model's [search] top_k, 5]."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to look for, e.g. 'clothes . bag'."),
     detector: Optional[str] = typer.Option(None, "--detector",
                                            help="gdino, gdino-cloud, tiles or none [default: none, or auto "
@@ -194,6 +195,10 @@ def query(
         raise UsageError("--json and --paths cannot be combined")
     stdin_lines = sys.stdin.read().splitlines() if "-" in images else None
     qlist = _read_query_list(images, stdin_lines)
+    if top_k is None:
+        from .config import load_model_config
+
+        top_k = int(load_model_config(model)["search"]["top_k"])
     if detector is None and (prompt or token_file or endpoint):
         detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
         _info(f"detector: {detector}")

@@ -98,15 +98,10 @@ class AMESReranker(Reranker):
         return Shortlist(rows=new_rows, sims=new_sims, scores=new_scores)
 
 
-DEFAULTS = {"float": {"lam": 0.85, "gamma": 0.80}, "dist": {"lam": 0.65, "gamma": 0.20}}
-
-
 def build(config: dict[str, Any], weights_dir: Path, device: Any) -> AMESReranker:
     """Registry factory: AMESReranker from config `[rerank]` (variant, checkpoint, shortlist, query_len, db_len,
     lam, gamma, batch_size)."""
-    rr = config.get("rerank", {})
+    rr = config["rerank"]  # a resolved model config: every key present (defaults: config/schema.py)
     model = load_ames(config, weights_dir, device)
-    d = DEFAULTS[model.variant]
-    return AMESReranker(model, shortlist_size=rr.get("shortlist", 100), query_len=rr.get("query_len", 600),
-                        db_len=rr.get("db_len", 50), lam=rr.get("lam", d["lam"]), gamma=rr.get("gamma", d["gamma"]),
-                        batch_size=rr.get("batch_size", 50))
+    return AMESReranker(model, shortlist_size=rr["shortlist"], query_len=rr["query_len"], db_len=rr["db_len"],
+                        lam=rr["lam"], gamma=rr["gamma"], batch_size=rr["batch_size"])

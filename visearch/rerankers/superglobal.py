@@ -171,6 +171,6 @@ class SuperGlobalReranker(Reranker):
 
 def build(config: dict[str, Any], weights_dir: Path, device: Any) -> SuperGlobalReranker:
     """Factory (see registry.RERANKERS): M, K, beta from the config's [rerank] table."""
-    r = config.get("rerank", {})
-    return SuperGlobalReranker(M=int(r.get("M", 400)), K=int(r.get("K", 9)), beta=float(r.get("beta", 0.15)),
-                               device=device, batch_size=int(r.get("batch_size", 8)))
+    r = config["rerank"]  # a resolved model config: every key present (defaults: config/schema.py)
+    return SuperGlobalReranker(M=int(r["M"]), K=int(r["K"]), beta=float(r["beta"]), device=device,
+                               batch_size=int(r["batch_size"]))
