@@ -191,7 +191,7 @@ class AMES(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, variant: str = "dist", device: Any = "cpu") -> "AMES":
         """Load an official AMES checkpoint (dict key `state`) strictly. Wrong variant, keys or shapes -> WeightsError."""
-        from ...weights import safe_torch_load
+        from ...weight_files import safe_torch_load
 
         path = Path(path)
         obj = safe_torch_load(path)
