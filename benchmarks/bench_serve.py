@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--queries", help="folder of query photos")
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=6, help="untimed requests first (torch warms up)")
     ap.add_argument("--cold-runs", type=int, default=3, help="cold `visearch query` processes to time")
     ap.add_argument("--top-k", type=int, default=5)
     ap.add_argument("--workers", type=int, default=1, help="server --workers")
