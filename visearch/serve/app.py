@@ -273,6 +273,7 @@ async def _read_query(request: Request, service: SearchService) -> QueryRequest:
         else:
             data = await upload.read()
             name = os.path.basename(upload.filename or "upload") or "upload"
+        await form.close()  # spooled temporary files go now, not at garbage collection
     else:
         raise UsageError("send multipart/form-data (field \"image\") or application/json (field \"id\")")
     ds, model = _default_names(service, fields.get("dataset"), fields.get("model"))
