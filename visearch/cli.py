@@ -193,7 +193,7 @@ def query(
     if json_out and paths:
         raise UsageError("--json and --paths cannot be combined")
     stdin_lines = sys.stdin.read().splitlines() if "-" in images else None
-    qlist = api.read_query_list(images, stdin_lines)
+    qlist = _read_query_list(images, stdin_lines)
     if detector is None and (prompt or token_file or endpoint):
         detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
         _info(f"detector: {detector}")
@@ -230,6 +230,21 @@ def query(
             _info(f"wrote {html}")
     if failures:
         raise typer.Exit(1)
+
+
+def _read_query_list(args: List[str], stdin_lines: Optional[List[str]] = None) -> List[str]:
+    """Query arguments: image paths, `-` for stdin (one path per line), or a .txt/.lst file of paths."""
+    out: List[str] = []
+    for a in args:
+        if a == "-":
+            out += [ln.strip() for ln in (stdin_lines or []) if ln.strip()]
+        elif a.lower().endswith((".txt", ".lst")) and Path(a).is_file():
+            out += [ln.strip() for ln in Path(a).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        else:
+            out.append(a)
+    if not out:
+        raise UsageError("no query images given", "pass image paths, a .txt list, or - to read paths from stdin")
+    return out
 
 
 def _print_query_table(res: dict) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..errors import StoreError, UsageError, VisearchError
+from ..workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class SearchService:
         if options.workers < 1 or options.max_pending < 1:
             raise UsageError("--workers and --max-pending must be at least 1")
         self.options = options
-        self.weights_dir = api._weights_dir(options.weights_dir)
+        self.weights_dir = Workspace.resolve(weights_dir=options.weights_dir).weights_dir
         self.searchers: dict[tuple[str, str], Any] = {}
         self.unavailable: dict[tuple[str, str], str] = {}
         self.datasets: dict[str, Any] = {}
