@@ -251,6 +251,22 @@ def test_page_in_a_real_browser(live_server, serve_collection, browser_page, tmp
     assert f"id={clicked}" in page.url
     assert page.locator(".crop-row .hit .id").first.inner_text() == clicked  # it finds itself first
 
+    # drag a box on the photo: only that region is searched (one crop labelled "region"), drawn dashed on the photo
+    ov = page.locator("#overlay").bounding_box()
+    page.mouse.move(ov["x"] + ov["width"] * 0.2, ov["y"] + ov["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(ov["x"] + ov["width"] * 0.5, ov["y"] + ov["height"] * 0.45, steps=5)
+    page.mouse.move(ov["x"] + ov["width"] * 0.7, ov["y"] + ov["height"] * 0.8, steps=5)
+    page.mouse.up()
+    expect(page.locator(".crop-row h2").first).to_contain_text("region")
+    expect(page.locator("#overlay rect.drawn")).to_have_count(1)
+    x0, y0, x1, y1 = (float(v) for v in page.locator(".crop-row h2").first.inner_text().split("[")[1].rstrip("]").split(","))
+    size = Image.open(serve_collection["photos"][clicked.split("-")[0]]).size
+    assert x0 == pytest.approx(0.2 * size[0], abs=3) and y1 == pytest.approx(0.8 * size[1], abs=3)
+    page.click("#clear-box")
+    expect(page.locator(".crop-row h2").first).to_contain_text("whole image")
+    expect(page.locator("#overlay rect.drawn")).to_have_count(0)
+
     # a prompt with the tiles detector: numbered, coloured crop boxes and one row per crop + merged
     page.fill("#prompt", "cup")
     page.select_option("#detector", "tiles")
