@@ -1,6 +1,7 @@
 """`visearch serve` as a real subprocess on a free loopback port: every route, every error code, token auth beyond
 loopback, path traversal, 20 concurrent queries, the page in a real headless Chromium (Debian /usr/bin/chromium driven by
 Playwright; no downloaded browser), clean shutdown."""
+import base64
 import io
 import json
 import shutil
@@ -286,6 +287,19 @@ def test_page_in_a_real_browser(live_server, serve_collection, browser_page, tmp
     expect(page.locator(".crop-row.merged")).to_have_count(1)
     assert page.input_value("#prompt") == "cup"
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+    # drop a photo on the drop zone, then paste one: each starts a search with that file
+    b64 = base64.b64encode(serve_collection["photos"]["rocket"].read_bytes()).decode()
+    make_transfer = """(b64) => { const bin = atob(b64); const u = new Uint8Array(bin.length);
+        for (let i = 0; i < bin.length; i++) u[i] = bin.charCodeAt(i);
+        const dt = new DataTransfer(); dt.items.add(new File([u], NAME, {type: "image/jpeg"})); return dt; }"""
+    dropped = page.evaluate_handle(make_transfer.replace("NAME", "'dropped.jpg'"), b64)
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+    expect(page.locator("#query-label")).to_contain_text("dropped.jpg")
+    pasted = page.evaluate_handle(make_transfer.replace("NAME", "'pasted.jpg'"), b64)
+    page.evaluate("(dt) => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt}))", pasted)
+    expect(page.locator("#query-label")).to_contain_text("pasted.jpg")
+    assert page.locator(".hit .id").first.inner_text().startswith("rocket")
 
     # a file that is not an image: a clear message, not a broken page
     bad = tmp_path / "notes.jpg"
