@@ -25,6 +25,8 @@ def test_wheel_ships_model_configs_and_weights_manifest(tmp_path):
     for name in configs:
         assert f"visearch/config/models/{name}" in names
     assert "visearch/weights_manifest.toml" in names
+    for name in ("index.html", "app.js", "style.css"):  # the page of `visearch serve`
+        assert f"visearch/serve/static/{name}" in names
 
 
 def test_configs_and_manifest_are_read_from_the_package(monkeypatch, tmp_path):
