@@ -1,10 +1,14 @@
 """`visearch serve` as a real subprocess on a free loopback port: every route, every error code, token auth beyond
-loopback, path traversal, 20 concurrent queries, clean shutdown."""
+loopback, path traversal, 20 concurrent queries, the page in a real headless Chromium (Debian /usr/bin/chromium driven by
+Playwright; no downloaded browser), clean shutdown."""
+import base64
 import io
 import json
+import shutil
 import signal
 import struct
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -174,6 +178,138 @@ def test_twenty_concurrent_queries_all_answered_and_health_stays_fast(live_serve
     assert all(r.json()["query"] == f"q{i}.jpg" for i, r in enumerate(results))
     assert all(r.json()["merged"][0]["id"].startswith(p.stem) for r, p in zip(results, photos * 4))
     assert health_times and max(health_times) < 2.0
+
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _skip(reason: str):
+    print(f"SKIPPED browser test: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def browser_page(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        _skip(f"{CHROMIUM} is not installed (apt-get install chromium; .ci/run does it)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        _skip("the playwright Python package is not installed (pip install -e '.[dev]')")
+    profile = tempfile.mkdtemp(prefix="visearch-chromium-")  # an empty user data dir
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(profile, executable_path=CHROMIUM, headless=True, args=ARGS,
+                                                   viewport={"width": 1280, "height": 1000})
+        try:
+            page = ctx.new_page()
+            page.set_default_timeout(30000)
+            yield page
+        finally:
+            ctx.close()
+            shutil.rmtree(profile, ignore_errors=True)
+
+
+def _images_loaded(page) -> bool:
+    for _ in range(150):
+        if page.locator(".hit img").evaluate_all("els => els.length && els.every(i => i.complete && i.naturalWidth)"):
+            return True
+        page.wait_for_timeout(100)
+    return False
+
+
+def test_page_in_a_real_browser(live_server, serve_collection, browser_page, tmp_path):
+    """Headless Chromium on the page: upload, crop boxes and thumbnails, click a result, prompt + tiles, reload
+    the shared URL, a bad file's message."""
+    from playwright.sync_api import expect
+
+    srv = live_server
+    page = browser_page
+    problems = []
+    page.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    page.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    requests_seen = []
+    page.on("request", lambda r: requests_seen.append(r.url))
+    page.goto(srv.url + "/")
+    expect(page.locator("#server-status")).to_contain_text("shop (6 images)")
+    # upload a photo: one search with the whole image
+    page.set_input_files("#file", str(serve_collection["queries"]["coffee-crop"]))
+    expect(page.locator(".crop-row")).to_have_count(1)
+    assert _images_loaded(page), "thumbnails did not load"
+    expect(page.locator(".hit")).to_have_count(5)
+    assert page.locator(".hit .id").first.inner_text().startswith("coffee")
+    expect(page.locator("#overlay rect.crop")).to_have_count(1)
+    expect(page.locator("#timings")).to_contain_text("describe")
+    assert page.locator("#download").get_attribute("href").startswith("blob:")
+    page.screenshot(path=str(tmp_path / "upload.png"), full_page=True)
+
+    # click the second result: a new search with that stored image, its id in the URL
+    second = page.locator(".hit").nth(1)
+    clicked = second.get_attribute("data-id")
+    second.click()
+    expect(page.locator("#query-label")).to_contain_text(clicked)
+    assert f"id={clicked}" in page.url
+    assert page.locator(".crop-row .hit .id").first.inner_text() == clicked  # it finds itself first
+
+    # drag a box on the photo: only that region is searched (one crop labelled "region"), drawn dashed on the photo
+    ov = page.locator("#overlay").bounding_box()
+    page.mouse.move(ov["x"] + ov["width"] * 0.2, ov["y"] + ov["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(ov["x"] + ov["width"] * 0.5, ov["y"] + ov["height"] * 0.45, steps=5)
+    page.mouse.move(ov["x"] + ov["width"] * 0.7, ov["y"] + ov["height"] * 0.8, steps=5)
+    page.mouse.up()
+    expect(page.locator(".crop-row h2").first).to_contain_text("region")
+    expect(page.locator("#overlay rect.drawn")).to_have_count(1)
+    x0, y0, x1, y1 = (float(v) for v in page.locator(".crop-row h2").first.inner_text().split("[")[1].rstrip("]").split(","))
+    size = Image.open(serve_collection["photos"][clicked.split("-")[0]]).size
+    assert x0 == pytest.approx(0.2 * size[0], abs=3) and y1 == pytest.approx(0.8 * size[1], abs=3)
+    page.click("#clear-box")
+    expect(page.locator(".crop-row h2").first).to_contain_text("whole image")
+    expect(page.locator("#overlay rect.drawn")).to_have_count(0)
+
+    # a prompt with the tiles detector: numbered, coloured crop boxes and one row per crop + merged
+    page.fill("#prompt", "cup")
+    page.select_option("#detector", "tiles")
+    page.fill("#top-k", "3")
+    page.click("#search")
+    expect(page.locator(".crop-row.merged")).to_have_count(1)
+    n_crops = page.locator(".crop-row").count() - 1
+    assert n_crops > 5
+    expect(page.locator("#overlay rect.crop")).to_have_count(n_crops - 1)  # all but the whole image
+    expect(page.locator("#overlay text.crop-number").first).to_have_text("1")
+    assert "prompt=cup" in page.url and "top_k=3" in page.url
+    assert _images_loaded(page)
+
+    # the shared URL reloads the same search
+    page.goto(page.url)
+    expect(page.locator("#query-label")).to_contain_text(clicked)
+    expect(page.locator(".crop-row.merged")).to_have_count(1)
+    assert page.input_value("#prompt") == "cup"
+    page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+    # drop a photo on the drop zone, then paste one: each starts a search with that file
+    b64 = base64.b64encode(serve_collection["photos"]["rocket"].read_bytes()).decode()
+    make_transfer = """(b64) => { const bin = atob(b64); const u = new Uint8Array(bin.length);
+        for (let i = 0; i < bin.length; i++) u[i] = bin.charCodeAt(i);
+        const dt = new DataTransfer(); dt.items.add(new File([u], NAME, {type: "image/jpeg"})); return dt; }"""
+    dropped = page.evaluate_handle(make_transfer.replace("NAME", "'dropped.jpg'"), b64)
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+    expect(page.locator("#query-label")).to_contain_text("dropped.jpg")
+    pasted = page.evaluate_handle(make_transfer.replace("NAME", "'pasted.jpg'"), b64)
+    page.evaluate("(dt) => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt}))", pasted)
+    expect(page.locator("#query-label")).to_contain_text("pasted.jpg")
+    assert page.locator(".hit .id").first.inner_text().startswith("rocket")
+
+    # a file that is not an image: a clear message, not a broken page
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("these are notes, not a photo")
+    page.set_input_files("#file", str(bad))
+    expect(page.locator("#error")).to_contain_text("not an image")
+    assert (tmp_path / "page.png").stat().st_size > 10000
+    assert all(u.startswith(srv.url) or u.startswith(("blob:", "data:")) for u in requests_seen), \
+        [u for u in requests_seen if not u.startswith(srv.url)]
+    assert [p for p in problems if "400" not in p] == []  # the bad upload logs its 400, nothing else may fail
 
 
 def test_ctrl_c_stops_cleanly_without_traceback(live_server):

@@ -13,7 +13,7 @@ sys.path.insert(0, str(ROOT))
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from tests.e2e.fast_cli import FAST_DESCRIBE  # noqa: E402
+from tests.e2e.fast_cli import FAST_DESCRIBE, cli  # noqa: E402
 from tests.e2e.servetools import serve_collection  # noqa: E402, F401
 from visearch.errors import UsageError  # noqa: E402
 from visearch.serve import server as srv_mod  # noqa: E402
@@ -33,7 +33,9 @@ STATIC = ROOT / "visearch" / "serve" / "static"
 
 @pytest.fixture(scope="module")
 def service(serve_collection):
-    """The real service over the collection the e2e fixture described with fast lite settings (same override)."""
+    """The real service over the collection the e2e fixture described with fast lite settings (same override), and
+    a second dataset converted but never extracted."""
+    cli("convert", serve_collection["photos"]["coins"].parent, "--name", "nostore", data=serve_collection["data"])
     from visearch import config
 
     def fast(cfg):
@@ -41,7 +43,7 @@ def service(serve_collection):
 
     with pytest.MonkeyPatch.context() as mp:  # the config hook only while this module runs
         mp.setattr(config, "_HOOKS", [*config._HOOKS, fast])
-        svc = SearchService(ServeOptions(datasets=["shop"], data_dir=serve_collection["data"], device="cpu",
+        svc = SearchService(ServeOptions(datasets=["shop", "nostore"], data_dir=serve_collection["data"], device="cpu",
                                          max_upload_bytes=256 * 1024, max_pending=1))
         yield svc
         svc.close()
@@ -149,3 +151,24 @@ def test_page_is_offline_and_served_with_a_strict_policy(service):
         assert "@import" not in text and "@font-face" not in text
     assert client.get("/static/app.js").headers["content-type"].startswith("text/javascript")
     assert client.get("/static/nothing.js").status_code == 404
+
+
+def test_a_dataset_without_store_is_listed_and_answers_404(service, serve_collection):
+    client = TestClient(create_app(service))
+    h = client.get("/api/health").json()
+    assert list(h["datasets"]) == ["shop"] and list(h["unavailable"]) == ["nostore"]
+    assert "extract" in h["unavailable"]["nostore"]["lite"]
+    photo = serve_collection["photos"]["coins"].read_bytes()
+    r = client.post("/api/query", files={"image": ("c.jpg", photo)}, data={"dataset": "nostore"})
+    assert r.status_code == 404 and "no usable lite store" in r.json()["error"]
+
+
+def test_loopback_server_refuses_foreign_host_names(service):
+    from visearch.serve.app import LOOPBACK_HOSTS
+
+    client = TestClient(create_app(service, allowed_hosts=LOOPBACK_HOSTS), base_url="http://127.0.0.1:8421")
+    assert client.get("/api/health").status_code == 200
+    assert client.get("/api/health", headers={"Host": "localhost:8421"}).status_code == 200
+    r = client.get("/api/health", headers={"Host": "attacker.example:8421"})  # DNS rebinding: name -> 127.0.0.1
+    assert r.status_code == 400 and "Host" in r.json()["error"]
+    assert client.get("/", headers={"Host": "attacker.example"}).status_code == 400

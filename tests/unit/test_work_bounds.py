@@ -20,10 +20,11 @@ from visearch.images import MAX_ASPECT, MAX_DESCRIBE_PIXELS, aspect_problem, wor
 
 @functools.lru_cache(maxsize=1)
 def _superglobal():
-    from visearch.models.resnet import CVNetResNet
-    from visearch.models.superglobal import DEFAULT_DESCRIBE, SuperGlobal
+    from visearch.config import load_model_config
+    from visearch.models.nets.cvnet_resnet import CVNetResNet
+    from visearch.models.superglobal import SuperGlobal
 
-    cfg = {"family": "superglobal", "describe": {**DEFAULT_DESCRIBE, "depth": 50}}
+    cfg = load_model_config("superglobal-r50")
     return SuperGlobal(name="superglobal-r50", dim=2048, config=cfg, device=torch.device("cpu"),
                        net=CVNetResNet(50).eval())
 
@@ -54,9 +55,10 @@ def test_superglobal_shrinks_above_the_pixel_budget():
 
 
 def test_ames_local_scales_are_bounded():
-    from visearch.models.ames import DEFAULT_LOCAL, AMESDescriber
+    from visearch.config import load_model_config
+    from visearch.models.ames import AMESDescriber
 
-    d = AMESDescriber(name="ames-dist", dim=2048, config={"local": dict(DEFAULT_LOCAL)}, device=torch.device("cpu"))
+    d = AMESDescriber(name="ames-dist", dim=2048, config=load_model_config("ames-dist"), device=torch.device("cpu"))
     with pytest.raises(ImageError, match="aspect ratio"):
         d._scales_for(1, 2000)
     assert d._scales_for(600, 800) == d.scales
@@ -74,7 +76,7 @@ def test_lite_refuses_strips():
 def test_safe_torch_load_on_300_fuzzed_files(tmp_path):
     """Random bytes, random text, truncated and byte-flipped checkpoints, pickle-protocol headers: each one is a
     WeightsError or a loaded dict, never IndexError / KeyError / struct.error (19 of 300 were before)."""
-    from visearch.weights import safe_torch_load
+    from visearch.weight_files import safe_torch_load
 
     rng = random.Random(0)
     buf = io.BytesIO()

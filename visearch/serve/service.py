@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..errors import UsageError, VisearchError
+from ..errors import StoreError, UsageError, VisearchError
+from ..workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class SearchService:
         if options.workers < 1 or options.max_pending < 1:
             raise UsageError("--workers and --max-pending must be at least 1")
         self.options = options
-        self.weights_dir = api._weights_dir(options.weights_dir)
+        self.weights_dir = Workspace.resolve(weights_dir=options.weights_dir).weights_dir
         self.searchers: dict[tuple[str, str], Any] = {}
         self.unavailable: dict[tuple[str, str], str] = {}
         self.datasets: dict[str, Any] = {}
@@ -141,9 +142,7 @@ class SearchService:
                 try:
                     s = api.Searcher(ds, model, options.data_dir, weights_dir=self.weights_dir, device=options.device,
                                      describer=describer)
-                except VisearchError as e:
-                    if isinstance(e, UsageError):
-                        raise
+                except StoreError as e:  # e.g. this model was never extracted for this dataset: serve the others
                     log.warning("not serving %s [%s]: %s", ds, model, e)
                     self.unavailable[(ds, describer.name)] = str(e)
                     self.unavailable[(ds, model)] = str(e)
@@ -205,8 +204,12 @@ class SearchService:
             entry = out.setdefault(ds, {"models": [], "images": len(s.dataset.imlist)})
             if model not in entry["models"]:
                 entry["models"].append(model)
+        missing: dict[str, dict[str, str]] = {}
+        for (ds, model), why in self.unavailable.items():
+            if (ds, model) not in self.searchers:
+                missing.setdefault(ds, {})[model] = why
         st = self._stats
-        return {"status": "ok", "datasets": out, "detectors": self._detector_names,
+        return {"status": "ok", "datasets": out, "unavailable": missing, "detectors": self._detector_names,
                 "default_detector": self.default_detector, "max_upload_bytes": self.options.max_upload_bytes,
                 "max_top_k": MAX_TOP_K,
                 "queries": {"running": st.running, "waiting": st.waiting, "served": st.served,
@@ -289,10 +292,9 @@ class SearchService:
         opts = self.datasets[dataset].load_options()
         try:
             with Image.open(path) as im:
+                full = _exif_size(im) if opts.get("apply_exif", True) else im.size
                 im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale directly
                 rgb = load_rgb(im, name=image_id, **opts)
-            with Image.open(path) as im:
-                full = im.size if not opts.get("apply_exif", True) else _exif_size(im)
         except OSError:
             raise NotFound(f"image {image_id!r} of dataset {dataset!r} is missing on disk") from None
         pil = Image.fromarray(rgb)

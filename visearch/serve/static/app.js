@@ -89,7 +89,8 @@ async function loadHealth() {
   updateModels();
   fillSelect($("detector"), health.detectors, params.get("detector"));
   const total = names.map((n) => n + " (" + health.datasets[n].images + " images)").join(", ");
-  $("server-status").textContent = "serving " + total;
+  const missing = Object.entries(health.unavailable || {}).map(([d, m]) => d + " [" + Object.keys(m).join(", ") + "]");
+  $("server-status").textContent = "serving " + total + (missing.length ? "; no store for " + missing.join(", ") : "");
   if (params.get("prompt")) $("prompt").value = params.get("prompt");
   if (params.get("top_k")) $("top-k").value = params.get("top_k");
   if (params.get("rerank") === "false") $("rerank").checked = false;
