@@ -121,6 +121,7 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
     ddir = _data_dir(data_dir)
     ds = load_dataset(ddir, dataset)
     describer = describer or load_model(model, weights=weights, weights_dir=_weights_dir(weights_dir), device=device)
+    describer.batch_size = batch_size  # images per forward pass: the planned batches are not split again
     spath = store_path(ddir, dataset, describer.name)
     identity = store_identity(describer)
     if rebuild:
@@ -241,7 +242,10 @@ class Searcher:
     def __init__(self, dataset: str, model: str = "lite", data_dir: str | Path | None = None,
                  weights: str | Path | None = None, weights_dir: str | Path | None = None, device: str = "auto",
                  rerank: bool = True, detector: str | None = None, detector_options: dict[str, Any] | None = None,
-                 describer=None):
+                 describer=None, prompt: str | None = None):
+        """`detector` None is automatic, as in the CLI: `none` for plain queries; for a query with a prompt (here, or
+        given to `query`) `gdino` when its weights are present, else `tiles` (`gdino-cloud` when the options carry a
+        token file or endpoint). `prompt` is the default prompt of `query`."""
         from .data import load_dataset
         from .device import resolve_device
         from .registry import load_detector, load_model, load_reranker
@@ -257,8 +261,23 @@ class Searcher:
             raise StoreError(f"the {self.model} store of dataset {dataset!r} is empty",
                              f"add images and run `visearch extract {dataset} --model {self.model}`")
         self.reranker = load_reranker(self.describer.config, wdir, device) if rerank else None
-        self.detector_name = detector or "none"
-        self.detector = load_detector(self.detector_name, weights_dir=wdir, device=device, **(detector_options or {}))
+        self.prompt = prompt
+        self._weights_dir, self._device, self._detector_options = wdir, device, dict(detector_options or {})
+        self._auto_detector = detector is None
+        self.detector_name = choose_detector(detector, prompt, wdir, self._detector_options)
+        self.detector = load_detector(self.detector_name, weights_dir=wdir, device=device, **self._detector_options)
+
+    def _detector_for(self, prompt: str | None):
+        """The detector for a query with `prompt`: an automatic choice made without a prompt is made again (once)
+        when a prompt comes, so a prompt is never silently dropped."""
+        if self._auto_detector and prompt and self.detector_name == "none":
+            from .registry import load_detector
+
+            self.detector_name = choose_detector(None, prompt, self._weights_dir, self._detector_options)
+            log.info("detector: %s", self.detector_name)
+            self.detector = load_detector(self.detector_name, weights_dir=self._weights_dir, device=self._device,
+                                          **self._detector_options)
+        return self.detector
 
     def describe_queries(self, images: list[np.ndarray]):
         """Features of query crops; a model may describe queries differently from database images (AMES float keeps
@@ -303,7 +322,9 @@ class Searcher:
         t = time.perf_counter
         t0 = t()
         img = load_rgb(image)
-        boxes = self.detector.detect(img, prompt) if self.detector_name != "none" else []
+        prompt = prompt if prompt is not None else self.prompt
+        detector = self._detector_for(prompt)
+        boxes = detector.detect(img, prompt) if self.detector_name != "none" else []
         crops = select_crops(boxes, (img.shape[1], img.shape[0]), max_boxes=max_boxes)
         t1 = t()
         feats = self.describe_queries([crop(img, b) for b in crops])
@@ -353,6 +374,11 @@ def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = No
     if missing:
         raise StoreError(f"{len(missing)} database images of {dataset!r} have no descriptors (e.g. {missing[0]})",
                          f"run `visearch extract {dataset} --model {s.model}`")
+    in_dataset = set(ds.imlist)
+    stale = [i for i in live_rows if i not in in_dataset]
+    if stale:  # they would be ranked as images the ground truth knows nothing of
+        raise StoreError(f"{len(stale)} descriptors in the {s.model} store of {dataset!r} are of images no longer in "
+                         f"the dataset (e.g. {stale[0]})", f"run `visearch extract {dataset} --model {s.model}`")
     # store rows -> imlist positions, so rankings index imlist as the ground truth does
     row_to_pos = np.full(len(s.store), -1, np.int64)
     for pos, i in enumerate(ds.imlist):
@@ -405,6 +431,18 @@ def default_detector(weights_dir: str | Path | None = None) -> str:
     except ImportError:
         return "tiles"
     return "gdino" if available(_weights_dir(weights_dir)) else "tiles"
+
+
+def choose_detector(detector: str | None, prompt: str | None, weights_dir: str | Path | None = None,
+                    options: dict[str, Any] | None = None) -> str:
+    """The detector a query uses: `detector` when given; else with a prompt (or cloud options: a token file or an
+    endpoint) `gdino-cloud` for cloud options, `gdino` when its weights are present, else `tiles`; else `none`."""
+    if detector:
+        return detector
+    options = options or {}
+    if options.get("token_file") is not None or options.get("endpoint") is not None:
+        return "gdino-cloud"
+    return default_detector(weights_dir) if prompt else "none"
 
 
 def detect(image: str | Path, prompt: str | None = None, detector: str | None = None,

@@ -159,7 +159,7 @@ class SuperGlobal(Describer):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(prepared):
             groups.setdefault(im.shape[:2], []).append(i)
-        bs = max(1, int(self.config["describe"].get("batch_size", 8)))
+        bs = max(1, int(self.batch_size or self.config["describe"].get("batch_size", 8)))
         for idx in groups.values():
             for start in range(0, len(idx), bs):
                 chunk = idx[start:start + bs]
