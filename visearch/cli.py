@@ -193,7 +193,7 @@ def query(
     if json_out and paths:
         raise UsageError("--json and --paths cannot be combined")
     stdin_lines = sys.stdin.read().splitlines() if "-" in images else None
-    qlist = api.read_query_list(images, stdin_lines)
+    qlist = _read_query_list(images, stdin_lines)
     searcher = api.Searcher(dataset, model, state.data_dir, weights, state.weights_dir, device,
                             rerank=not no_rerank, detector=detector, prompt=prompt,
                             detector_options=_detector_options(box_threshold, text_threshold, token_file, endpoint,
@@ -231,6 +231,21 @@ def query(
         raise typer.Exit(1)
 
 
+def _read_query_list(args: List[str], stdin_lines: Optional[List[str]] = None) -> List[str]:
+    """Query arguments: image paths, `-` for stdin (one path per line), or a .txt/.lst file of paths."""
+    out: List[str] = []
+    for a in args:
+        if a == "-":
+            out += [ln.strip() for ln in (stdin_lines or []) if ln.strip()]
+        elif a.lower().endswith((".txt", ".lst")) and Path(a).is_file():
+            out += [ln.strip() for ln in Path(a).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        else:
+            out.append(a)
+    if not out:
+        raise UsageError("no query images given", "pass image paths, a .txt list, or - to read paths from stdin")
+    return out
+
+
 def _print_query_table(res: dict) -> None:
     from rich.table import Table
 
@@ -251,6 +266,59 @@ def _print_query_table(res: dict) -> None:
         for r in res["merged"]:
             t.add_row(str(r["rank"]), f"{r['score']:.4f}", r["id"], r["path"])
         console.print(t)
+
+
+# ---- serve / ui -----------------------------------------------------------------------------------------------------
+def _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb,
+           open_browser: bool) -> None:
+    from .serve.server import serve as run_server
+    from .serve.service import ServeOptions
+
+    if max_upload_mb <= 0:
+        raise UsageError("--max-upload-mb must be positive")
+    opts = ServeOptions(datasets=dataset, models=model or ["lite"], detectors=detector or [], data_dir=state.data_dir,
+                        weights_dir=state.weights_dir, device=device, workers=workers, max_pending=max_pending,
+                        max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    run_server(opts, host=host, port=port, token_file=token_file, open_browser=open_browser, quiet=state.quiet)
+
+
+_SERVE_OPTIONS = dict(
+    dataset=typer.Option(..., "--dataset", "-d", help="Dataset to serve (repeat for more)."),
+    model=typer.Option(None, "--model", "-m", help="Model to serve (repeat for more) [default: lite]."),
+    host=typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback it needs --token-file."),
+    port=typer.Option(8421, "--port", help="TCP port."),
+    detector=typer.Option(None, "--detector", help="Detector to keep loaded (repeat; the first is the default with "
+                                                   "a prompt) [default: gdino if its weights are present, else tiles]."),
+    token_file=typer.Option(None, "--token-file", help="File holding the bearer token clients must send."),
+    device=typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    workers=typer.Option(1, "--workers", min=1, help="Queries run at once (1 = one model forward at a time)."),
+    max_pending=typer.Option(64, "--max-pending", min=1, help="Running + waiting queries before 503 busy."),
+    max_upload_mb=typer.Option(20.0, "--max-upload-mb", help="Largest upload in MB (larger: 413)."),
+)
+
+
+@app.command()
+def serve(
+    dataset: List[str] = _SERVE_OPTIONS["dataset"], model: Optional[List[str]] = _SERVE_OPTIONS["model"],
+    host: str = _SERVE_OPTIONS["host"], port: int = _SERVE_OPTIONS["port"],
+    detector: Optional[List[str]] = _SERVE_OPTIONS["detector"], token_file: Optional[Path] = _SERVE_OPTIONS["token_file"],
+    device: str = _SERVE_OPTIONS["device"], workers: int = _SERVE_OPTIONS["workers"],
+    max_pending: int = _SERVE_OPTIONS["max_pending"], max_upload_mb: float = _SERVE_OPTIONS["max_upload_mb"],
+) -> None:
+    """Serve the search page and JSON API with models kept in memory (Ctrl-C to stop)."""
+    _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb, False)
+
+
+@app.command()
+def ui(
+    dataset: List[str] = _SERVE_OPTIONS["dataset"], model: Optional[List[str]] = _SERVE_OPTIONS["model"],
+    host: str = _SERVE_OPTIONS["host"], port: int = _SERVE_OPTIONS["port"],
+    detector: Optional[List[str]] = _SERVE_OPTIONS["detector"], token_file: Optional[Path] = _SERVE_OPTIONS["token_file"],
+    device: str = _SERVE_OPTIONS["device"], workers: int = _SERVE_OPTIONS["workers"],
+    max_pending: int = _SERVE_OPTIONS["max_pending"], max_upload_mb: float = _SERVE_OPTIONS["max_upload_mb"],
+) -> None:
+    """`serve`, and open the page in a browser when one is available."""
+    _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb, True)
 
 
 # ---- eval -----------------------------------------------------------------------------------------------------------

@@ -67,7 +67,7 @@ def test_extract_batch_size_reaches_the_superglobal_forward_pass(tmp_path):
     import torch
 
     from visearch.config import load_model_config
-    from visearch.models.resnet import CVNetResNet
+    from visearch.models.nets.cvnet_resnet import CVNetResNet
     from visearch.models.superglobal import SuperGlobal
 
     folder = tmp_path / "photos"
