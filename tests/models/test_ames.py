@@ -59,12 +59,15 @@ def detector_state(seed: int) -> dict[str, torch.Tensor]:
 
 
 def make_weights_dir(path: Path, depth: int = 101) -> Path:
-    """A weights folder with random files under the official names (backbone R`depth`, detector, both AMES)."""
+    """A weights folder with random files under the official names (backbone R`depth`, detector, both AMES, and the
+    ITQ projection a user downloads with them: loading must not trip over it)."""
     path.mkdir(parents=True, exist_ok=True)
     make_cvnet_checkpoint(path / "CVPR2022_CVNet_R101.pyth", depth, BACKBONE_SEED, reranker_keys=False)
     torch.save({"state": detector_state(DETECTOR_SEED)}, path / "cvnet_detector.pt")
     torch.save({"state": random_state("float", 21)}, path / "r101_cvnet_ames.pt")
-    torch.save({"state": random_state("dist", 22)}, path / "cvnet_ames_dist.pt")
+    dist = random_state("dist", 22)
+    torch.save({"state": dist}, path / "cvnet_ames_dist.pt")
+    np.savez(path / "itq_r101_cvnet_D128.npz", proj=dist["remap_local.0.W"].numpy())
     return path
 
 
