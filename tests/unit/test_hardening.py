@@ -160,7 +160,7 @@ def test_searcher_with_a_prompt_and_no_detector_uses_the_automatic_choice(six, l
 
 # ---- AMES hint -----------------------------------------------------------------------------------------------------
 def test_missing_ames_checkpoint_hint_names_an_item_weights_download_accepts(tmp_path):
-    from visearch import weights
+    from visearch import weight_files as weights
     from visearch.config import load_model_config
     from visearch.rerankers.ames import load_ames
 
