@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .metrics import compute_map, evaluate_protocols
 from .pipeline.convert import convert
-from .pipeline.detect import default_detector, detect
+from .pipeline.detect import choose_detector, default_detector, detect
 from .pipeline.evaluate import evaluate
 from .pipeline.extract import Engine, ExtractReport, LocalEngine, extract, open_store_for, plan_batches, store_identity
 from .pipeline.search import CropResult, Hit, QueryResult, Searcher
@@ -12,5 +12,5 @@ from .registry import load_model
 from .workspace import Workspace
 
 __all__ = ["CropResult", "Engine", "ExtractReport", "Hit", "LocalEngine", "QueryResult", "Searcher", "Workspace",
-           "compute_map", "convert", "default_detector", "detect", "evaluate", "evaluate_protocols", "extract",
-           "load_model", "open_store_for", "plan_batches", "store_identity"]
+           "choose_detector", "compute_map", "convert", "default_detector", "detect", "evaluate", "evaluate_protocols",
+           "extract", "load_model", "open_store_for", "plan_batches", "store_identity"]

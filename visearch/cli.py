@@ -212,13 +212,12 @@ def query(
         from .config import load_model_config
 
         top_k = int(load_model_config(model)["search"]["top_k"])
-    if detector is None and (prompt or token_file or endpoint):
-        detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
-        _info(f"detector: {detector}")
     searcher = api.Searcher(dataset, model, weights=weights, workspace=_workspace(device),
-                            rerank=not no_rerank, detector=detector,
+                            rerank=not no_rerank, detector=detector, prompt=prompt,
                             detector_options=_detector_options(box_threshold, text_threshold, token_file, endpoint,
                                                                default_prompt))
+    if detector is None and searcher.detector_name != "none":  # the library's automatic choice, said once
+        _info(f"detector: {searcher.detector_name}")
     results, failures = [], 0
     for q in qlist:
         try:

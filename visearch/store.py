@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -37,13 +38,28 @@ REBUILD_HINT = "run `visearch extract ... --rebuild` to rebuild it"
 
 
 def _max_open_files() -> int:
-    """Shard files kept open per Store: half the open-file limit (256 on macOS, 1024 on Linux by default), at least
-    64. A big collection has thousands of shards; past the cap the least recently used is closed (shards are
-    immutable, so reopening one is always safe), which costs a reopen per shard per search pass."""
+    """Shard files kept open per Store: half the open-file limit, at least 64. A big collection has thousands of
+    shards; past the cap the least recently used is closed and reopened on demand (shards are immutable; one that a
+    compaction has deleted meanwhile is read through the newer manifest, see Store._read)."""
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return max(64, (soft if soft != resource.RLIM_INFINITY else 1 << 20) // 2)
+
+
+SHARD_RE = re.compile(r"shard-(\d+)\.h5")
+
+
+def shard_number(file: str) -> int:
+    """`shard-00042.h5` -> 42; any digit count (five at least in new names: older stores read the same)."""
+    m = SHARD_RE.fullmatch(file)
+    if not m:
+        raise StoreError(f"unexpected shard file name {file!r} in a store manifest", REBUILD_HINT)
+    return int(m.group(1))
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.h5"  # zero-padded to 5 digits, longer past 99,999: never wraps or collides
 
 
 # Writer locks held by this process (fd numbers). A flock lock belongs to the open file, which a fork shares with the
@@ -228,6 +244,13 @@ class Store:
         self._max_open = _max_open_files()
         self._ids: list[str] | None = None
         self._live: np.ndarray | None = None
+        # shards closed by the LRU: their (ids, fingerprints), and a newer view of the store to read them from when a
+        # compaction has deleted them meanwhile (see _read_moved)
+        self._evicted: dict[str, tuple[list[str], list[str]]] = {}
+        self._successor: Store | None = None
+        self._successor_version: tuple[int, int] | None = None
+        self._moved_rows: dict[str, np.ndarray] = {}
+        self._where: dict[tuple[str, str], int] = {}
 
     # ---- creation and opening -------------------------------------------------------------------------------
     @classmethod
@@ -334,25 +357,90 @@ class Store:
         f = self._files.pop(name, None)
         if f is None:
             while len(self._files) >= self._max_open:
+                old_name, old = next(iter(self._files.items()))
+                del self._files[old_name]
                 with contextlib.suppress(Exception):
-                    self._files.pop(next(iter(self._files))).close()
+                    if old_name not in self._evicted:  # what a later _read_moved needs to find its rows again
+                        self._evicted[old_name] = (_decode(old["ids"][:]), _decode(old["fingerprints"][:]))
+                    old.close()
             f = h5py.File(self.path / name, "r")
         self._files[name] = f  # re-inserted last: dicts keep insertion order
         return f
 
-    def _read(self, name: str, key: str, sel: Any) -> np.ndarray:
-        """`file[key][sel]`, a checksum or I/O failure (bit rot, a bad disk) raised as StoreError."""
+    def _reopened(self, name: str) -> h5py.File | None:
+        """`_file(name)`; None when `name` was closed by the LRU and is no longer the file this store listed (a
+        compaction deleted it, or a rebuild reused its name, after this store was opened)."""
+        if name in self._files or name not in self._evicted:
+            return self._file(name)
         try:
-            return self._file(name)[key][sel]
+            f = self._file(name)
+        except OSError:
+            if (self.path / name).is_file():
+                raise
+            return None
+        uid = next((s.uid for s in self.shards if s.file == name), None)
+        if uid is not None and f.attrs.get("uid") != uid:
+            self._files.pop(name).close()
+            return None
+        return f
+
+    def _read(self, name: str, key: str, sel: Any) -> np.ndarray:
+        """`file[key][sel]`, a checksum or I/O failure (bit rot, a bad disk) raised as StoreError. A shard that
+        vanished since this store was opened (closed by the LRU, then compacted away) is read through the current
+        manifest: compaction keeps every live row's bytes, so the rows are found there by id and fingerprint."""
+        try:
+            f = self._reopened(name)
+            return self._read_moved(name, key, sel) if f is None else f[key][sel]
         except (OSError, KeyError) as e:
             raise StoreError(f"store file {self.path / name} is corrupt, reading {key} failed "
                              f"({str(e).splitlines()[0][:120]})", REBUILD_HINT) from None
+
+    def _read_moved(self, name: str, key: str, sel: Any) -> np.ndarray:
+        """Rows `sel` of the vanished shard `name`, from the current store (see `_read`). Rows that were dead in this
+        view read as zeros (never returned: `live` masks them); a live row whose image has changed or left the
+        store since is an error (the caller should open the store again)."""
+        si = next(i for i, s in enumerate(self.shards) if s.file == name)
+        shard = self.shards[si]
+        local = np.arange(shard.rows)[sel]
+        if self._successor is None or _manifest_version(self.path) != self._successor_version:
+            self._successor_version = _manifest_version(self.path)
+            self._successor = Store.open(self.path, check_files=False)
+            succ = self._successor
+            where = {(i, fp): r for r, (i, fp, ok) in enumerate(zip(succ.ids, succ.fingerprints(), succ.live)) if ok}
+            self._moved_rows = {}
+            self._where = where
+        if name not in self._moved_rows:  # this shard's rows -> rows of the current store (-1: none)
+            ids, fps = self._moved_strings(si)
+            self._moved_rows[name] = np.array([self._where.get((i, fp), -1) for i, fp in zip(ids, fps)], np.int64)
+        rows = self._moved_rows[name][local]
+        dead = set(shard.dead)
+        lost = [int(r) for r, m in zip(local, rows) if m < 0 and int(r) not in dead]
+        if lost:
+            raise StoreError(f"store {self.path} changed while it was being read (a compaction or a re-extraction "
+                             "replaced rows it still needed)", "open the store again")
+        if key in ("ids", "fingerprints"):
+            return np.array(self._moved_strings(si)[0 if key == "ids" else 1], dtype=object)[local]
+        ok = rows >= 0
+        block = self._successor._gather(rows[ok], key)
+        out = np.zeros((len(rows),) + block.shape[1:], block.dtype)
+        out[ok] = block
+        return out
+
+    def _moved_strings(self, si: int) -> tuple[list[str], list[str]]:
+        """(ids, fingerprints) of shard `si` in this view, as read when the LRU closed it."""
+        got = self._evicted.get(self.shards[si].file)
+        if got is None:  # never opened before it vanished (opened with check_files=False)
+            raise StoreError(f"store {self.path} changed while it was being read", "open the store again")
+        return got
 
     def close(self) -> None:
         for f in self._files.values():
             with contextlib.suppress(Exception):
                 f.close()
         self._files.clear()
+        if self._successor is not None:
+            self._successor.close()
+            self._successor = None
 
     def __enter__(self) -> "Store":
         return self
@@ -516,8 +604,8 @@ class StoreWriter:
         self.close()
 
     def _next_name(self, extra: list[dict[str, Any]] = ()) -> str:
-        used = [int(s.file[6:11]) for s in self.store.shards] + [int(s["file"][6:11]) for s in extra]
-        return f"shard-{(max(used) + 1) if used else 0:05d}.h5"
+        used = [shard_number(s.file) for s in self.store.shards] + [shard_number(s["file"]) for s in extra]
+        return shard_name((max(used) + 1) if used else 0)
 
     def append(self, ids: list[str], features: Features, fingerprints: list[str] | None = None) -> None:
         """Write one immutable shard with these rows, then publish it in a new manifest.

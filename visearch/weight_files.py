@@ -187,6 +187,17 @@ def requirements() -> dict[str, list[str]]:
     return out
 
 
+def download_hint(file_name: str, model: str | None = None) -> str:
+    """How to get the weight file `file_name`: the `weights download` command of the manifest item holding it (or
+    of `model`), else where to put it by hand. Hints never name something `weights download` refuses."""
+    for spec in manifest():
+        if spec.file == file_name:
+            return f"run `visearch weights download {spec.name}`"
+    if model and model in requirements():
+        return f"run `visearch weights download {model}`"
+    return f"put {file_name} in the weights folder (--weights-dir)"
+
+
 def items_for(name: str) -> list[WeightSpec]:
     """A model or detector name -> the items it needs (maybe none); an item name -> [that item]. A name that is
     both (e.g. `ames-dist`, `superglobal-r50`) means the model, whose list includes the item of that name."""

@@ -136,6 +136,7 @@ class AMESDescriber(Describer):
 
     # ---- extraction ---------------------------------------------------------------------------------------------
     def _extract(self, images: Sequence[np.ndarray], database: bool) -> Features:
+        self.global_model.batch_size = self.batch_size  # extract's --batch-size reaches the global path too
         glob = self.global_model.extract(images).global_  # decodes nothing: arrays are shared
         loc = [self._local_one(self._bgr(im)) for im in images]
         k = self.topk
@@ -192,7 +193,7 @@ def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, devic
         try:
             with np.load(itq) as z:
                 proj = z["proj"]
-            same = proj.shape == (LOCAL_DIM, ITQ_BITS) and np.allclose(proj, ames.remap_local[0].W.cpu().numpy())
+            same = proj.shape == (LOCAL_DIM, ITQ_BITS) and np.allclose(proj, ames.remap_local[0].W.detach().cpu().numpy())
             log.debug("%s %s the checkpoint's ITQ projection (the checkpoint's is used)", itq,
                       "matches" if same else "differs from")
         except Exception as e:  # noqa: BLE001 - any garbage (BadZipFile, EOFError, ...): informative file only

@@ -68,7 +68,9 @@ class LiteDescriber(Describer):
     """Global descriptor: multi-scale GeM over EfficientNet-Lite0's last feature map, `[N, 1280]`."""
 
     def __init__(self, net: EfficientNetLite0, config: dict[str, Any], device: torch.device, weights_sha256: str):
-        super().__init__(name="lite", dim=DIM, config=config, device=device, weights_sha256=weights_sha256)
+        # the config's canonical name: a second lite config (other describe settings) gets a store of its own
+        super().__init__(name=str(config.get("name", "lite")), dim=DIM, config=config, device=device,
+                         weights_sha256=weights_sha256)
         d = config["describe"]  # every key present: config/schema.py holds the defaults
         self.scales = [float(s) for s in d["scales"]]
         self.gem_p = float(d["gem_p"])

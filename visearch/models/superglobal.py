@@ -148,7 +148,7 @@ class SuperGlobal(Describer):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(prepared):
             groups.setdefault(im.shape[:2], []).append(i)
-        bs = max(1, int(self.config["describe"]["batch_size"]))
+        bs = max(1, int(self.batch_size or self.config["describe"]["batch_size"]))
         for idx in groups.values():
             for start in range(0, len(idx), bs):
                 chunk = idx[start:start + bs]

@@ -35,6 +35,11 @@ def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = No
     if missing:
         raise StoreError(f"{len(missing)} database images of {dataset!r} have no descriptors (e.g. {missing[0]})",
                          f"run `visearch extract {dataset} --model {s.model}`")
+    in_dataset = set(ds.imlist)
+    stale = [i for i in live_rows if i not in in_dataset]
+    if stale:  # they would be ranked as images the ground truth knows nothing of
+        raise StoreError(f"{len(stale)} descriptors in the {s.model} store of {dataset!r} are of images no longer in "
+                         f"the dataset (e.g. {stale[0]})", f"run `visearch extract {dataset} --model {s.model}`")
     # store rows -> imlist positions, so rankings index imlist as the ground truth does
     row_to_pos = np.full(len(s.store), -1, np.int64)
     for pos, i in enumerate(ds.imlist):

@@ -260,6 +260,7 @@ def _extract(dataset, model, weights, batch_size, workers, rebuild, shard_rows, 
     shard_rows = shard_rows or int(os.environ.get("VISEARCH_SHARD_ROWS", "512"))
     ds = load_dataset(ws.data_dir, dataset)
     describer = describer or load_model(model, weights=weights, weights_dir=ws.weights_dir, device=ws.device)
+    describer.batch_size = batch_size  # images per forward pass: the planned batches are not split again
     engine = engine or LocalEngine(workers)
     spath = store_path(ws.data_dir, dataset, describer.name)
     identity = store_identity(describer)

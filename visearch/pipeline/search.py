@@ -14,6 +14,7 @@ import numpy as np
 from ..errors import ImageError, StoreError
 from ..index import ExactIndex
 from ..workspace import Workspace
+from .detect import choose_detector
 from .extract import open_store_for
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,10 @@ class Searcher:
     def __init__(self, dataset: str, model: str = "lite", data_dir: str | Path | None = None,
                  weights: str | Path | None = None, weights_dir: str | Path | None = None, device: str = "auto",
                  rerank: bool = True, detector: str | None = None, detector_options: dict[str, Any] | None = None,
-                 describer=None, *, workspace: Workspace | None = None):
+                 describer=None, *, workspace: Workspace | None = None, prompt: str | None = None):
+        """`detector` None is automatic, as in the CLI (pipeline.detect.choose_detector): `none` for plain queries;
+        for a query with a prompt (`prompt` here is the default of `search`) `gdino` when its weights are present,
+        else `tiles` (`gdino-cloud` when the options carry a token file or an endpoint)."""
         from ..data import load_dataset
         from ..device import resolve_device
         from ..registry import load_detector, load_model, load_reranker
@@ -91,9 +95,24 @@ class Searcher:
                              f"add images and run `visearch extract {dataset} --model {self.model}`")
         self.index = ExactIndex(self.store, self.device, live=self.live)
         self.reranker = load_reranker(self.describer.config, wdir, ws.device) if rerank else None
-        self.detector_name = detector or "none"
+        self.prompt = prompt
+        self._detector_options = dict(detector_options or {})
+        self._auto_detector = detector is None
+        self.detector_name = choose_detector(detector, prompt, wdir, self._detector_options)
         self.detector = load_detector(self.detector_name, weights_dir=wdir, device=ws.device,
-                                      **(detector_options or {}))
+                                      **self._detector_options)
+
+    def _detector_for(self, prompt: str | None):
+        """This Searcher's detector for a query with `prompt`: an automatic choice made without a prompt is made
+        again (once) when a prompt comes, so a prompt is never silently dropped."""
+        if self._auto_detector and prompt and self.detector_name == "none":
+            from ..registry import load_detector
+
+            self.detector_name = choose_detector(None, prompt, self.workspace.weights_dir, self._detector_options)
+            log.info("detector: %s", self.detector_name)
+            self.detector = load_detector(self.detector_name, weights_dir=self.workspace.weights_dir,
+                                          device=self.workspace.device, **self._detector_options)
+        return self.detector
 
     def describe_queries(self, images: list[np.ndarray]):
         """Features of query crops; a model may describe queries differently from database images (AMES float keeps
@@ -150,7 +169,8 @@ class Searcher:
                                  "draw a box inside the photo")
             crops = [b]
         else:
-            det = self.detector if detector is None else detector
+            prompt = prompt if prompt is not None else self.prompt
+            det = self._detector_for(prompt) if detector is None else detector
             boxes = det.detect(img, prompt)
             crops = select_crops(boxes, (img.shape[1], img.shape[0]), max_boxes=max_boxes)
         crops = [b for b in crops if aspect_problem(round(b.width), round(b.height)) is None]
