@@ -57,6 +57,16 @@ def load_model_config(name: str, overrides: dict[str, Any] | None = None) -> dic
             raise UsageError(f"alias loop in model configs at {name!r}")
         seen.add(name)
         cfg = _read(name)
+    parents = []
+    while "extends" in cfg:  # `extends = "lite"`: the parent's tables, with this file's values on top
+        parent = cfg.pop("extends")
+        if parent in seen:
+            raise UsageError(f"extends loop in model configs at {parent!r}")
+        seen.add(parent)
+        parents.append(cfg)
+        cfg = _read(parent)
+    for child in reversed(parents):
+        cfg = merge(cfg, child)
     cfg = merge(cfg, overrides or {})
     cfg["name"] = name
     return cfg
