@@ -40,11 +40,12 @@ def pack_rootsift(sift: np.ndarray) -> np.ndarray:
 def unpack_rootsift(packed: np.ndarray) -> np.ndarray:
     """Packed `[..., 64]` uint8 -> L2-normalised RootSIFT `[..., 128]` float32 (all-zero rows stay zero)."""
     p = np.asarray(packed, np.uint8)
-    q = np.empty(p.shape[:-1] + (2 * p.shape[-1],), np.float32)
-    q[..., 0::2] = p & 15
-    q[..., 1::2] = p >> 4
-    norm = np.linalg.norm(q, axis=-1, keepdims=True)
+    q = _NIBBLES[p].reshape(p.shape[:-1] + (2 * p.shape[-1],))
+    norm = np.sqrt(np.einsum("...i,...i->...", q, q))[..., None]
     return q / np.maximum(norm, 1e-12)
+
+
+_NIBBLES = np.stack([np.arange(256) & 15, np.arange(256) >> 4], axis=1).astype(np.float32)  # byte -> (low, high)
 
 
 @dataclass

@@ -23,7 +23,7 @@ from ..errors import ModelError, UsageError
 from ..models.sift import unpack_rootsift
 from .base import Reranker, Shortlist
 
-DEFAULTS: dict[str, Any] = {"shortlist": 100, "ratio": 0.9, "mutual": True, "model": "affine", "threshold": 8.0,
+DEFAULTS: dict[str, Any] = {"shortlist": 100, "ratio": 0.8, "mutual": True, "model": "affine", "threshold": 8.0,
                             "confidence": 0.999, "max_iters": 1000, "seed": 0, "min_matches": 6, "min_inliers": 6,
                             "cap": 50, "weight": 1.0, "batch": 16}
 MODELS = ("affine", "homography")
@@ -50,7 +50,7 @@ class SpatialReranker(Reranker):
     name = "spatial"
 
     shortlist_size: int = 100
-    ratio: float = 0.9
+    ratio: float = 0.8
     mutual: bool = True
     model: str = "affine"
     threshold: float = 8.0
@@ -79,29 +79,30 @@ class SpatialReranker(Reranker):
 
         B, K = db_desc.shape[:2]
         nq = len(q_desc)
-        if nq == 0 or K == 0:
+        if nq == 0 or K == 0 or B == 0:
             return [(np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in range(B)]
         q = torch.from_numpy(np.ascontiguousarray(q_desc, np.float32))
-        d = torch.from_numpy(np.ascontiguousarray(db_desc.reshape(B * K, -1), np.float32))
-        sim = (q @ d.T).view(nq, B, K)
-        sim.masked_fill_(~torch.from_numpy(db_valid)[None], -4.0)
-        top = torch.topk(sim, min(2, K), dim=2)  # [nq, B, 2]
-        s1 = top.values[..., 0]
-        nn1 = top.indices[..., 0]
-        # unit vectors: squared distance 2 - 2 cos; ratio test on distances
-        d1 = (2.0 - 2.0 * s1).clamp_min(0)
-        ok = s1 > -2.0
-        if K >= 2:
+        d = torch.from_numpy(np.ascontiguousarray(db_desc, np.float32))
+        sim = torch.matmul(q[None], d.transpose(1, 2))  # [B, nq, K]
+        sim.masked_fill_(~torch.from_numpy(np.ascontiguousarray(db_valid))[:, None, :], -4.0)
+        if K >= 2 and self.ratio < 1:
+            top = torch.topk(sim, 2, dim=2)  # [B, nq, 2]
+            s1, nn1 = top.values[..., 0], top.indices[..., 0]
+            # unit vectors: squared distance 2 - 2 cos; Lowe's ratio test on distances
+            d1 = (2.0 - 2.0 * s1).clamp_min(0)
             d2 = (2.0 - 2.0 * top.values[..., 1]).clamp_min(0)
-            ok &= d1 < (self.ratio ** 2) * d2
+            ok = (s1 > -2.0) & (d1 < (self.ratio ** 2) * d2)
+        else:
+            s1, nn1 = sim.max(dim=2)
+            ok = s1 > -2.0
         if self.mutual:
-            back = sim.argmax(dim=0)  # [B, K]: best query keypoint for each database keypoint
-            ok &= back.gather(1, nn1.T).T == torch.arange(nq)[:, None]
+            back = sim.argmax(dim=1)  # [B, K]: best query keypoint for each database keypoint
+            ok &= back.gather(1, nn1) == torch.arange(nq)[None, :]
         ok_np, nn_np = ok.numpy(), nn1.numpy()
         out = []
         for b in range(B):
-            qi = np.nonzero(ok_np[:, b])[0]
-            out.append((qi, nn_np[qi, b].astype(np.int64)))
+            qi = np.nonzero(ok_np[b])[0]
+            out.append((qi, nn_np[b, qi].astype(np.int64)))
         return out
 
     # ---- verification -----------------------------------------------------------------------------------------------
