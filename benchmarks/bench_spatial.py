@@ -49,8 +49,8 @@ def main() -> None:
 
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     from visearch import api
-    from visearch.evaluate import evaluate_protocols
     from visearch.images import crop_box, load_rgb
+    from visearch.metrics import evaluate_protocols
     from visearch.registry import load_model
 
     if args.synthetic:

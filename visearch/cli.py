@@ -167,7 +167,9 @@ DEFAULT_PROMPT_HELP = ("Phrases always looked for besides --prompt (Grounding DI
 def query(
     images: List[str] = typer.Argument(..., help="Query images, a .txt list of paths, or - for paths on stdin."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset to search."),
-    model: str = typer.Option("lite", "--model", "-m", help="Model name (`visearch models`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model name (`visearch models`) [default: lite-sv when the dataset "
+                                             "has a lite-sv store, else lite]."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint file."),
     top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Results per crop."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to look for, e.g. 'clothes . bag'."),
@@ -197,6 +199,10 @@ def query(
     if detector is None and (prompt or token_file or endpoint):
         detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
         _info(f"detector: {detector}")
+    if model is None:
+        model = api.default_query_model(dataset, state.data_dir)
+        if model != "lite":
+            _info(f"model: {model} (the dataset has its store)")
     searcher = api.Searcher(dataset, model, state.data_dir, weights, state.weights_dir, device,
                             rerank=not no_rerank, detector=detector,
                             detector_options=_detector_options(box_threshold, text_threshold, token_file, endpoint,

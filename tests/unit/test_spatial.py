@@ -1,6 +1,6 @@
 """RootSIFT local fields and the `spatial` reranker (lite-sv): packing, determinism, size, the fused score, and a
 planar object pasted with a random homography into clutter found at rank 1 where lite's global stage misses it, through
-the real CLI (`extract --model lite-sv`, `query --model lite-sv`) and the library."""
+the real CLI (`extract --model lite-sv`, then `query`, whose default model it becomes) and the library."""
 import json
 import sys
 from pathlib import Path
@@ -103,9 +103,11 @@ def scene(tmp_path_factory):
 
 
 def test_pasted_planar_object_found_at_rank_1_where_global_misses_it(scene):
-    p = run("query", scene["query"], "--dataset", "shop", "--model", "lite-sv", "--top-k", "6", "--json",
-            data_dir=scene["data"])
-    ranked = [r["id"] for r in json.loads(p.stdout)["crops"][0]["results"]]
+    p = run("query", scene["query"], "--dataset", "shop", "--top-k", "6", "--json", data_dir=scene["data"])
+    assert "model: lite-sv" in p.stderr  # the default once the dataset has a lite-sv store
+    out = json.loads(p.stdout)
+    assert out["model"] == "lite-sv"
+    ranked = [r["id"] for r in out["crops"][0]["results"]]
     p = run("query", scene["query"], "--dataset", "shop", "--model", "lite-sv", "--top-k", "6", "--json",
             "--no-rerank", data_dir=scene["data"])
     global_only = [r["id"] for r in json.loads(p.stdout)["crops"][0]["results"]]
