@@ -135,3 +135,17 @@ def test_spatial_rerank_is_deterministic_and_scores_inliers(scene):
     ids = [s.store.ids[r] for r in rows[0]]
     target = [i.startswith("target") for i in ids].index(True)
     assert inl[target] >= 15 and inl[target] > 2 * np.delete(inl, target).max()
+
+
+def test_any_model_uses_spatial_through_its_config():
+    from visearch.errors import UsageError
+    from visearch.registry import load_model, load_reranker
+
+    m = load_model("lite", device="cpu", overrides={"local": {"kind": "rootsift", "max_keypoints": 50},
+                                                    "rerank": {"name": "spatial", "shortlist": 20}})
+    assert set(m.local_fields) == {"kp_desc", "kp_xy"} and m.local_fields["kp_desc"].shape == (50, 64)
+    f = m.extract([photo("rocket", 256)])
+    assert f.global_.shape == (1, 1280) and f.local["kp_desc"].shape == (1, 50, 64)
+    assert load_reranker(m.config, device="cpu").shortlist_size == 20
+    with pytest.raises(UsageError, match="without RootSIFT"):
+        load_reranker({"name": "superglobal-r50", "rerank": {"name": "spatial"}}, device="cpu")
