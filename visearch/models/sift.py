@@ -130,6 +130,10 @@ class WithLocalSIFT(Describer):
         g = self.inner.extract(images).global_
         return Features(global_=g, local=self.sift.describe_batch(images))
 
+    def describe(self, images):
+        """Global descriptors only (no keypoints computed), as the inner model gives them."""
+        return self.inner.describe(images)
+
     def extract_query(self, images: Sequence[np.ndarray]) -> Features:
         g = getattr(self.inner, "extract_query", self.inner.extract)(images).global_
         return Features(global_=g, local=self.sift.describe_batch(images))
