@@ -45,6 +45,13 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, markup=False)  # paths may contain [brackets]
 
 
+def _workspace(device: str = "auto"):
+    """The data dir, weights dir, device and quietness of this run, as the one object the library takes."""
+    from .workspace import Workspace
+
+    return Workspace.resolve(state.data_dir, state.weights_dir, device, state.quiet)
+
+
 def _info(msg: str) -> None:
     if not state.quiet:
         sys.stderr.write(msg + "\n")
@@ -105,7 +112,7 @@ def convert(
     """Turn a folder of images into a revisitop-layout dataset (re-run to add new images only)."""
     from . import api
 
-    rep = api.convert(source, name, state.data_dir, ground_truth=ground_truth, replace=replace, quiet=state.quiet)
+    rep = api.convert(source, name, ground_truth=ground_truth, replace=replace, workspace=_workspace())
     if rep.n_images == 0:
         sys.stderr.write(f"warning: no usable images found in {source}\n")
     if json_out:
@@ -130,8 +137,8 @@ def extract(
     """Describe the dataset's images into an HDF5 store (incremental and resumable)."""
     from . import api
 
-    r = api.extract(dataset, model, state.data_dir, weights, state.weights_dir, device, batch_size, workers,
-                    rebuild=rebuild, quiet=state.quiet)
+    r = api.extract(dataset, model, weights=weights, batch_size=batch_size, workers=workers, rebuild=rebuild,
+                    workspace=_workspace(device))
     d = {"dataset": r.dataset, "model": r.model, "store": str(r.store), "added": r.added, "updated": r.updated,
          "removed": r.removed, "failed": [{"id": i, "reason": why} for i, why in r.failed], "total": r.total,
          "seconds": round(r.seconds, 3), "images_per_s": round(r.images_per_s, 2)}
@@ -171,7 +178,8 @@ def query(
                                         help="Model name (`visearch models`) [default: lite-sv when the dataset "
                                              "has a lite-sv store, else lite]."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint file."),
-    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Results per crop."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", min=1,
+                                        help="Results per crop [default: the model's [search] top_k, 5]."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to look for, e.g. 'clothes . bag'."),
     detector: Optional[str] = typer.Option(None, "--detector",
                                            help="gdino, gdino-cloud, tiles or none [default: none, or auto "
@@ -196,14 +204,18 @@ def query(
         raise UsageError("--json and --paths cannot be combined")
     stdin_lines = sys.stdin.read().splitlines() if "-" in images else None
     qlist = _read_query_list(images, stdin_lines)
-    if detector is None and (prompt or token_file or endpoint):
-        detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
-        _info(f"detector: {detector}")
     if model is None:
         model = api.default_query_model(dataset, state.data_dir)
         if model != "lite":
             _info(f"model: {model} (the dataset has its store)")
-    searcher = api.Searcher(dataset, model, state.data_dir, weights, state.weights_dir, device,
+    if top_k is None:
+        from .config import load_model_config
+
+        top_k = int(load_model_config(model)["search"]["top_k"])
+    if detector is None and (prompt or token_file or endpoint):
+        detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
+        _info(f"detector: {detector}")
+    searcher = api.Searcher(dataset, model, weights=weights, workspace=_workspace(device),
                             rerank=not no_rerank, detector=detector,
                             detector_options=_detector_options(box_threshold, text_threshold, token_file, endpoint,
                                                                default_prompt))
@@ -342,8 +354,7 @@ def eval_(
     """Revisitop evaluation: mAP (Easy/Medium/Hard) and mP@1/5/10."""
     from . import api
 
-    r = api.evaluate(dataset, model, state.data_dir, weights, state.weights_dir, device, rerank=not no_rerank,
-                     quiet=state.quiet)
+    r = api.evaluate(dataset, model, weights=weights, rerank=not no_rerank, workspace=_workspace(device))
     main_result = r["reranked"] or r["global"]
     if json_out:
         _out(json.dumps({"dataset": r["dataset"], "model": r["model"], "reranked": r["reranked"] is not None,
@@ -430,10 +441,10 @@ def models() -> None:
 @_output_flags
 def weights_list() -> None:
     """Weight files each model needs, whether they are present, and where they come from."""
-    from . import config, weights
+    from . import weight_files
 
-    wdir = state.weights_dir or config.default_weights_dir()
-    for st in weights.status(wdir):
+    wdir = _workspace().weights_dir
+    for st in weight_files.status(wdir):
         spec = st.spec
         mark = "present" if st.present else "missing"
         _out(f"{spec.name:22s} {mark:8s} {st.path}  sha256={spec.sha256 or 'unknown'}  "
@@ -444,11 +455,11 @@ def weights_list() -> None:
 @_output_flags
 def weights_download(names: List[str] = typer.Argument(..., help="Items or model names from `weights list`.")) -> None:
     """Download weight files (resumable, size/hash checked, written atomically)."""
-    from . import config, progress, weights
+    from . import progress, weight_files
 
-    wdir = state.weights_dir or config.default_weights_dir()
+    wdir = _workspace().weights_dir
     for n in names:
-        for spec in weights.items_for(n):
+        for spec in weight_files.items_for(n):
             with progress.task(f"download {spec.name}", spec.size or spec.approx_size, state.quiet, unit="B") as adv:
                 last = [0]
 
@@ -456,7 +467,7 @@ def weights_download(names: List[str] = typer.Argument(..., help="Items or model
                     adv(done - last[0])
                     last[0] = done
 
-                path = weights.download(spec.name, wdir, progress=cb)
+                path = weight_files.download(spec.name, wdir, progress=cb)
             _out(str(path))
 
 
@@ -464,10 +475,10 @@ def weights_download(names: List[str] = typer.Argument(..., help="Items or model
 @_output_flags
 def weights_verify(all_items: bool = typer.Option(False, "--all", help="Also list missing items.")) -> None:
     """Check sizes, hashes and safe loadability of the weight files present."""
-    from . import config, weights
+    from . import weight_files
 
-    wdir = state.weights_dir or config.default_weights_dir()
-    results = weights.verify(wdir, include_missing=all_items)
+    wdir = _workspace().weights_dir
+    results = weight_files.verify(wdir, include_missing=all_items)
     for r in results:
         _out(f"{r.spec.name:22s} {'ok' if r.ok else 'BAD'}  {r.message}")
     if not results:

@@ -68,12 +68,12 @@ class LiteDescriber(Describer):
 
     def __init__(self, net: EfficientNetLite0, config: dict[str, Any], device: torch.device, weights_sha256: str):
         super().__init__(name="lite", dim=DIM, config=config, device=device, weights_sha256=weights_sha256)
-        d = config.get("describe", {})
-        self.scales = [float(s) for s in d.get("scales", [0.7071, 1.0, 1.4142])]
-        self.gem_p = float(d.get("gem_p", 3.0))
-        self.max_side = int(d.get("max_side", 320))
-        self.upscale = bool(d.get("upscale", True))
-        self.min_side = int(d.get("min_side", 0))
+        d = config["describe"]  # every key present: config/schema.py holds the defaults
+        self.scales = [float(s) for s in d["scales"]]
+        self.gem_p = float(d["gem_p"])
+        self.max_side = int(d["max_side"])
+        self.upscale = bool(d["upscale"])
+        self.min_side = int(d["min_side"])
         if not self.scales or self.gem_p <= 0 or self.max_side < 32 or not 0 <= self.min_side <= self.max_side:
             raise ModelError("bad [describe] settings for lite",
                              "need scales, gem_p > 0, max_side >= 32 and 0 <= min_side <= max_side")
@@ -126,6 +126,9 @@ class LiteDescriber(Describer):
 
 def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, device: torch.device) -> LiteDescriber:
     """Factory for the registry: EfficientNet-Lite0 loaded strictly from `weights` (or the default file)."""
+    from ..config.schema import resolve
+
+    config = resolve({"family": "lite", **config}, config.get("name", "lite"))  # defaults: config/schema.py
     path = Path(weights) if weights is not None else default_weights_path(weights_dir)
     net = EfficientNetLite0()
     load_state_strict(net, path)

@@ -43,7 +43,7 @@ def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = No
     use_rerank = s.reranker is not None and rerank
     # AMES's reference evaluation moves each protocol's ignored images behind the shortlist before reranking
     # (Medium: junk; Hard: junk + easy), so the shortlist holds only images that can count; SuperGlobal's does not.
-    per_protocol = use_rerank and getattr(s.reranker, "junk_behind_shortlist", False)
+    per_protocol = use_rerank and s.reranker.junk_behind_shortlist
     global_ranks: list[np.ndarray] = []
     reranked: dict[str, list[np.ndarray]] = {"all": [], "medium": [], "hard": []}
     with progress.task(f"eval {dataset} [{s.model}]", len(ds.qimlist), ws.quiet, unit="query") as advance:

@@ -38,13 +38,22 @@ class ExtractReport:
 
 
 def store_identity(describer) -> dict[str, Any]:
-    """What must match between a store and the model that reads it: family, describe settings and, for models with
-    local features, the [local] settings (search and rerank settings may change at query time without re-extracting)."""
-    cfg = describer.config
-    out = {"family": cfg.get("family"), "describe": cfg.get("describe", {}), "store": cfg.get("store", {})}
-    if "local" in cfg:  # only then: the identity (and so the stores) of global-only models stays as it was
-        out["local"] = cfg["local"]
-    return out
+    """What must match between a store and the model that reads it (config.schema.identity): the family and the
+    settings that change descriptors; search and rerank settings and batch sizes may change without re-extracting."""
+    from ..config.schema import identity
+
+    return identity(describer.config)
+
+
+def check_store(store, describer) -> None:
+    """Refuse a store built by another model, configuration or weights file. A store whose recorded identity
+    normalises to this model's (an older store that also recorded batch sizes, or left defaults out) is accepted."""
+    from ..config.schema import identity
+
+    ident = store_identity(describer)
+    recorded = store.manifest.get("config")
+    same = isinstance(recorded, dict) and identity(recorded) == ident
+    store.check_compatible(describer.name, recorded if same else ident, describer.weights_sha256)
 
 
 def open_store_for(describer, data_dir: Path, dataset: str):
@@ -52,7 +61,7 @@ def open_store_for(describer, data_dir: Path, dataset: str):
     from ..store import Store, store_path
 
     store = Store.open(store_path(data_dir, dataset, describer.name))
-    store.check_compatible(describer.name, store_identity(describer), describer.weights_sha256)
+    check_store(store, describer)
     return store
 
 
@@ -246,8 +255,8 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
             raise
         store = Store.create(spath, model=describer.name, config=identity, dim=describer.dim,
                              weights_sha256=describer.weights_sha256, local_fields=describer.local_fields,
-                             dtype=describer.config.get("store", {}).get("dtype", "float16"), dataset=dataset)
-    store.check_compatible(describer.name, identity, describer.weights_sha256)
+                             dtype=describer.config["store"]["dtype"], dataset=dataset)
+    check_store(store, describer)
     report = ExtractReport(dataset, describer.name, spath, total=len(ds.imlist))
 
     with StoreWriter(store) as writer:

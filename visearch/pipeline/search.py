@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ImageError, StoreError
+from ..index import ExactIndex
 from ..workspace import Workspace
 from .extract import open_store_for
 
@@ -84,6 +85,7 @@ class Searcher:
         if self.store.num_live() == 0:
             raise StoreError(f"the {self.model} store of dataset {dataset!r} is empty",
                              f"add images and run `visearch extract {dataset} --model {self.model}`")
+        self.index = ExactIndex(self.store, self.device)
         self.reranker = load_reranker(self.describer.config, wdir, ws.device) if rerank else None
         self.detector_name = detector or "none"
         self.detector = load_detector(self.detector_name, weights_dir=wdir, device=ws.device,
@@ -92,21 +94,19 @@ class Searcher:
     def describe_queries(self, images: list[np.ndarray]):
         """Features of query crops; a model may describe queries differently from database images (AMES float keeps
         query tokens in float32 while the database side is rounded through float16, as the reference does)."""
-        return getattr(self.describer, "extract_query", self.describer.extract)(images)
+        return self.describer.extract_query(images)
 
     def search_features(self, feats, k: int, rerank: bool = True, timings: dict[str, float] | None = None):
         """Global search (and rerank) for already described crops: returns rows, scores `[nq, k']`.
 
         `timings`, when given, receives `search` and `rerank` seconds (both stages end with a copy to host numpy, so
         the wall times include all device work)."""
-        from ..search import search_store
-
         shortlist_k = k
         use_rerank = rerank and self.reranker is not None
         if use_rerank:
             shortlist_k = max(k, self.reranker.shortlist_size)
         t0 = time.perf_counter()
-        rows, sims = search_store(feats.global_, self.store, shortlist_k, device=self.device)
+        rows, sims = self.index.search(feats.global_, shortlist_k)
         t1 = time.perf_counter()
         if use_rerank:
             rows, sims = self.rerank_shortlist(feats, rows, sims)
@@ -121,7 +121,7 @@ class Searcher:
 
         sl = self.reranker.rerank(feats.global_, feats.local, Shortlist(rows, sims), self.store)
         m = sl.rows.shape[1]
-        return np.concatenate([sl.rows, rows[:, m:]], 1), np.concatenate([sl.sims, sims[:, m:]], 1)
+        return np.concatenate([sl.rows, rows[:, m:]], 1), np.concatenate([sl.ranking_scores, sims[:, m:]], 1)
 
     def search(self, image: str | Path | np.ndarray, prompt: str | None = None, top_k: int = 5,
                max_boxes: int = 5, timings: dict[str, float] | None = None, *, detector=None,
@@ -145,7 +145,7 @@ class Searcher:
             crops = [b]
         else:
             det = self.detector if detector is None else detector
-            boxes = det.detect(img, prompt) if (detector is not None or self.detector_name != "none") else []
+            boxes = det.detect(img, prompt)
             crops = select_crops(boxes, (img.shape[1], img.shape[0]), max_boxes=max_boxes)
         t1 = t()
         feats = self.describe_queries([crop(img, b) for b in crops])

@@ -33,7 +33,7 @@ class Detector(nn.Module):
 
 def load_detector(path: Path) -> Detector:
     """cvnet_detector.pt (dict key `state`) loaded strictly; WeightsError naming the file otherwise."""
-    from ...weights import safe_torch_load
+    from ...weight_files import safe_torch_load
 
     obj = safe_torch_load(path)
     state = obj.get("state") if isinstance(obj, dict) else None

@@ -191,7 +191,7 @@ class AMES(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, variant: str = "dist", device: Any = "cpu") -> "AMES":
         """Load an official AMES checkpoint (dict key `state`) strictly. Wrong variant, keys or shapes -> WeightsError."""
-        from ...weights import safe_torch_load
+        from ...weight_files import safe_torch_load
 
         path = Path(path)
         obj = safe_torch_load(path)
@@ -346,16 +346,13 @@ def random_state(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
     return out
 
 
-CHECKPOINTS = {"float": "r101_cvnet_ames.pt", "dist": "cvnet_ames_dist.pt"}
-
-
 def load_ames(config: dict[str, Any], weights_dir: Path, device: Any) -> AMES:
     """The AMES transformer named by config `[rerank]` (variant, checkpoint) from weights_dir."""
-    rr = config.get("rerank", {})
-    variant = rr.get("variant", "dist")
+    rr = config["rerank"]
+    variant = rr["variant"]
     if variant not in VARIANTS:
         raise UsageError(f"unknown AMES variant {variant!r} in config", "use 'float' or 'dist'")
-    path = Path(weights_dir) / rr.get("checkpoint", CHECKPOINTS[variant])
+    path = Path(weights_dir) / rr["checkpoint"]
     if not path.is_file():
         raise WeightsError(f"AMES checkpoint not found: {path}", f"run `visearch weights download {path.name}`")
     return AMES.from_checkpoint(path, variant, device)
