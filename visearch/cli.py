@@ -174,7 +174,9 @@ DEFAULT_PROMPT_HELP = ("Phrases always looked for besides --prompt (Grounding DI
 def query(
     images: List[str] = typer.Argument(..., help="Query images, a .txt list of paths, or - for paths on stdin."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset to search."),
-    model: str = typer.Option("lite", "--model", "-m", help="Model name (`visearch models`)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m",
+                                        help="Model name (`visearch models`) [default: lite-sv when the dataset "
+                                             "has a lite-sv store, else lite]."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint file."),
     top_k: Optional[int] = typer.Option(None, "--top-k", "-k", min=1,
                                         help="Results per crop [default: the model's [search] top_k, 5]."),
@@ -208,6 +210,10 @@ def query(
         check_writable(html, "--html")
     stdin_lines = _decode_query_list(sys.stdin.buffer.read(), "stdin").splitlines() if "-" in images else None
     qlist = _read_query_list(images, stdin_lines)
+    if model is None:
+        model = api.default_query_model(dataset, state.data_dir)
+        if model != "lite":
+            _info(f"model: {model} (the dataset has its store)")
     if top_k is None:
         from .config import load_model_config
 

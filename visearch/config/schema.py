@@ -55,6 +55,18 @@ class AMESLocal:
     max_side: int = 0
 
 
+@dataclass
+class SiftLocal:
+    """RootSIFT keypoints for the `spatial` reranker (visearch/models/sift.py); optional for lite and superglobal."""
+
+    kind: str = "rootsift"
+    max_keypoints: int = 900
+    max_side: int = 1024
+    contrast_threshold: float = 0.04
+    edge_threshold: float = 10.0
+    sigma: float = 1.6
+
+
 # ---- [weights] -------------------------------------------------------------------------------------------------------
 @dataclass
 class NoWeights:
@@ -101,6 +113,26 @@ class AMESRerank:
     batch_size: int = 50
 
 
+@dataclass
+class SpatialRerank:
+    """visearch/rerankers/spatial.py: RootSIFT matching + USAC MAGSAC++ verification of the global top `shortlist`."""
+
+    name: str = "spatial"
+    shortlist: int = 100
+    ratio: float = 0.8
+    mutual: bool = True
+    model: str = "affine"
+    threshold: float = 8.0
+    confidence: float = 0.999
+    max_iters: int = 1000
+    seed: int = 0
+    min_matches: int = 6
+    min_inliers: int = 6
+    cap: int = 50
+    weight: float = 1.0
+    batch: int = 16
+
+
 # ---- shared tables ---------------------------------------------------------------------------------------------------
 @dataclass
 class Search:
@@ -120,12 +152,14 @@ class Family:
     weights: type
     rerank: dict[str, type]
     local: type | None = None
+    optional_local: type | None = None  # a [local] table allowed only when the config has one (RootSIFT)
 
 
 FAMILIES: dict[str, Family] = {
-    "lite": Family(LiteDescribe, NoWeights, {"none": NoRerank}),
+    "lite": Family(LiteDescribe, NoWeights, {"none": NoRerank, "spatial": SpatialRerank}, optional_local=SiftLocal),
     "superglobal": Family(SuperGlobalDescribe, SuperGlobalWeights, {"superglobal": SuperGlobalRerank,
-                                                                    "none": NoRerank}),
+                                                                    "none": NoRerank, "spatial": SpatialRerank},
+                          optional_local=SiftLocal),
     "ames": Family(SuperGlobalDescribe, AMESWeights, {"ames": AMESRerank, "none": NoRerank}, local=AMESLocal),
 }
 FILE_KEYS = ("family", "alias_of", "extends")  # keys of a config file outside its tables
@@ -151,6 +185,8 @@ def resolve(cfg: dict[str, Any], name: str) -> dict[str, Any]:
     tables: dict[str, Any] = {"describe": fam.describe, "weights": fam.weights, "search": Search, "store": Store}
     if fam.local is not None:
         tables["local"] = fam.local
+    elif fam.optional_local is not None and "local" in cfg:
+        tables["local"] = fam.optional_local
     known = [*FILE_KEYS, "name", *tables, "rerank"]
     unknown = sorted(set(cfg) - set(known))
     if unknown:
@@ -184,7 +220,8 @@ def identity(cfg: dict[str, Any]) -> dict[str, Any]:
             out["local"] = cfg["local"]
         return out
     out = {"family": cfg["family"]}
-    for key, cls in (("describe", fam.describe), ("store", Store), ("local", fam.local)):
+    local = fam.local or (fam.optional_local if "local" in cfg else None)
+    for key, cls in (("describe", fam.describe), ("store", Store), ("local", local)):
         if cls is None:
             continue
         vals = cfg.get(key) or {}

@@ -18,6 +18,17 @@ from .detect import choose_detector
 from .extract import open_store_for
 
 log = logging.getLogger(__name__)
+OFFLINE_DEFAULT = "lite"
+OFFLINE_DEFAULT_SV = "lite-sv"  # lite + spatial verification: the default for query once its store exists
+
+
+def default_query_model(dataset: str, data_dir: str | Path | None = None) -> str:
+    """`lite-sv` when the dataset has a lite-sv store (extracted with `extract --model lite-sv`), else `lite`."""
+    from ..store import store_path
+
+    ddir = Workspace.resolve(data_dir).data_dir
+    return OFFLINE_DEFAULT_SV if (store_path(ddir, dataset, OFFLINE_DEFAULT_SV) / "manifest.json").is_file() \
+        else OFFLINE_DEFAULT
 
 
 @dataclass(frozen=True)
