@@ -59,6 +59,7 @@ class ExtractReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     total: int = 0
     seconds: float = 0.0
+    index: Any = None  # visearch.index.IndexReport when the store has an index that extract brought up to date
 
     @property
     def images_per_s(self) -> float:
@@ -181,6 +182,9 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
             if pending_ids:
                 _flush(writer, pending_ids, pending, fingerprints)
         writer.compact()
+        from .index import update_index
+
+        report.index = update_index(writer.store)  # under the writer lock; None when the store has no index
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -229,6 +233,24 @@ def _decoded_batches(ds, batches: list[list[str]], workers: int | None):
         yield b, arrays, errors
 
 
+# ---- index ----------------------------------------------------------------------------------------------------------
+def build_index(dataset: str, model: str = "lite", data_dir: str | Path | None = None, factory: str | None = None,
+                memory_budget: str | int | None = None, train_size: int | None = None, nprobe: int | None = None):
+    """Build the FAISS first-stage index of a dataset's store (see visearch.index); returns its IndexReport.
+    memory_budget: bytes, or text like "4GB"; without factory and budget the rule of index.choose_factory picks."""
+    from .config import load_model_config
+    from .index import build_index as _build
+    from .index import parse_bytes
+    from .store import Store, store_path
+
+    if factory and memory_budget:
+        raise UsageError("--factory and --memory-budget cannot be combined", "the budget only picks a factory")
+    budget = parse_bytes(memory_budget) if isinstance(memory_budget, str) else memory_budget
+    name = load_model_config(model)["name"]
+    with Store.open(store_path(_data_dir(data_dir), dataset, name)) as st:
+        return _build(st, factory=factory, memory_budget=budget, train_size=train_size, nprobe=nprobe)[1]
+
+
 # ---- query ----------------------------------------------------------------------------------------------------------
 class Searcher:
     """Holds a dataset, its store, the model, the reranker and the detector, loaded once for many queries."""
@@ -236,7 +258,7 @@ class Searcher:
     def __init__(self, dataset: str, model: str = "lite", data_dir: str | Path | None = None,
                  weights: str | Path | None = None, weights_dir: str | Path | None = None, device: str = "auto",
                  rerank: bool = True, detector: str | None = None, detector_options: dict[str, Any] | None = None,
-                 describer=None):
+                 describer=None, exact: bool = False, index_candidates: int = 1000):
         from .dataset import load_dataset
         from .device import resolve_device
         from .registry import load_detector, load_model, load_reranker
@@ -251,6 +273,11 @@ class Searcher:
         if self.store.num_live() == 0:
             raise StoreError(f"the {self.model} store of dataset {dataset!r} is empty",
                              f"add images and run `visearch extract {dataset} --model {self.model}`")
+        from .index import open_index
+
+        # the first stage: the store's FAISS index when it has one (refused when stale), else the exact scan
+        self.index = None if exact else open_index(self.store)
+        self.index_candidates = index_candidates
         self.reranker = load_reranker(self.describer.config, wdir, device) if rerank else None
         self.detector_name = detector or "none"
         self.detector = load_detector(self.detector_name, weights_dir=wdir, device=device, **(detector_options or {}))
@@ -265,20 +292,40 @@ class Searcher:
 
         `timings`, when given, receives `search` and `rerank` seconds (both stages end with a copy to host numpy, so
         the wall times include all device work)."""
-        from .search import search_store
-
         shortlist_k = k
         use_rerank = rerank and self.reranker is not None
         if use_rerank:
             shortlist_k = max(k, self.reranker.shortlist_size)
         t0 = time.perf_counter()
-        rows, sims = search_store(feats.global_, self.store, shortlist_k, device=self.device)
+        rows, sims = self.global_search(feats.global_, shortlist_k)
         t1 = time.perf_counter()
         if use_rerank:
             rows, sims = self.rerank_shortlist(feats, rows, sims)
         if timings is not None:
             timings.update(search=t1 - t0, rerank=time.perf_counter() - t1)
         return rows[:, :k], sims[:, :k]
+
+    def global_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by exact cosine: the exact scan, or the index's `index_candidates` (at least k) rescored exactly
+        from the stored descriptors. A k beyond the candidates (eval's full ranking) continues with the exact
+        ranking of the remaining rows."""
+        from .index import rescore
+        from .search import search_store
+
+        if self.index is None:
+            return search_store(q, self.store, k, device=self.device)
+        n_live = self.store.num_live()
+        m = min(n_live, max(k if k < n_live else 0, self.index_candidates))
+        cand, _ = self.index.search(q, m)
+        rows, sims = rescore(q, self.store, cand, min(k, m))
+        if rows.shape[1] < min(k, m):  # the index returned fewer than asked (e.g. sparse IVF lists): scan
+            return search_store(q, self.store, k, device=self.device)
+        if k > rows.shape[1]:
+            er, es = search_store(q, self.store, k, device=self.device)
+            tails = [~np.isin(er[i], rows[i]) for i in range(len(q))]
+            rows = np.stack([np.concatenate([rows[i], er[i][t]]) for i, t in enumerate(tails)])
+            sims = np.stack([np.concatenate([sims[i], es[i][t]]) for i, t in enumerate(tails)])
+        return rows, sims
 
     def rerank_shortlist(self, feats, rows: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rerank global candidates `[nq, m]` (best first). A reranker reorders the head of the list (SuperGlobal:
@@ -329,7 +376,8 @@ class Searcher:
 # ---- evaluate -------------------------------------------------------------------------------------------------------
 def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = None,
              weights: str | Path | None = None, weights_dir: str | Path | None = None, device: str = "auto",
-             rerank: bool = True, quiet: bool = True, searcher: Searcher | None = None) -> dict[str, Any]:
+             rerank: bool = True, quiet: bool = True, searcher: Searcher | None = None,
+             exact: bool = False) -> dict[str, Any]:
     """Revisitop protocol: queries cropped to their bbx, full ranking of the database, Easy/Medium/Hard mAP and mP@k.
 
     Returns {"dataset", "model", "global": {...}, "reranked": {...} or None} with per-protocol
@@ -338,7 +386,7 @@ def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = No
     from .evaluate import evaluate_protocols
     from .images import crop_box, load_rgb
 
-    s = searcher or Searcher(dataset, model, data_dir, weights, weights_dir, device, rerank=rerank)
+    s = searcher or Searcher(dataset, model, data_dir, weights, weights_dir, device, rerank=rerank, exact=exact)
     ds = s.dataset
     if not ds.gnd:
         raise DatasetError(f"dataset {dataset!r} has no ground truth",

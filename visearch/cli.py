@@ -110,6 +110,42 @@ def extract(
          f"{len(r.failed)} failed, {r.total} images in dataset ({r.images_per_s:.1f} img/s) -> {r.store}")
     for i, why in r.failed[:20]:
         sys.stderr.write(f"  skipped {i}: {why}\n")
+    if r.index is not None:
+        _info(f"index updated: {r.index.added} added, {r.index.removed} removed, {r.index.vectors} vectors")
+
+
+# ---- index ----------------------------------------------------------------------------------------------------------
+index_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="A FAISS first-stage index in the store folder (query and eval then use it).")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    dataset: str = typer.Argument(..., help="Dataset name."),
+    model: str = typer.Option("lite", "--model", "-m", help="Model whose store is indexed."),
+    factory: Optional[str] = typer.Option(None, "--factory", help="FAISS index factory string, e.g. "
+                                          "'PCAR256,IVF4096_HNSW32,PQ64' [default: chosen from size and budget]."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="e.g. 4GB: the rule picks an index "
+                                                "whose codes fit."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Vectors to train on "
+                                             "[default: max(39 x lists, 50,000)]."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists scanned per query [64]."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Build (or rebuild) the store's FAISS index; `extract` keeps it current afterwards."""
+    from . import api
+
+    r = api.build_index(dataset, model, state.data_dir, factory=factory, memory_budget=memory_budget,
+                        train_size=train_size, nprobe=nprobe)
+    d = {"dataset": dataset, "model": model, "factory": r.factory, "vectors": r.vectors, "train_size": r.train_size,
+         "seconds": round(r.seconds, 3), "code_bytes_per_vector": r.code_bytes,
+         "file_bytes_per_vector": round(r.file_bytes / max(1, r.vectors), 1)}
+    if json_out:
+        _out(json.dumps(d))
+        return
+    _out(f"{dataset} [{model}]: {r.factory} over {r.vectors} vectors (trained on {r.train_size}), "
+         f"{r.code_bytes:g} B/vector codes, {d['file_bytes_per_vector']} B/vector on disk, {r.seconds:.1f} s")
 
 
 # ---- query ----------------------------------------------------------------------------------------------------------
@@ -148,6 +184,7 @@ def query(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="gdino-cloud API endpoint."),
     default_prompt: Optional[str] = typer.Option(None, "--default-prompt", help=DEFAULT_PROMPT_HELP),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="Global search only."),
+    exact: bool = typer.Option(False, "--exact", help="Scan every descriptor even when the store has an index."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per query image."),
     paths: bool = typer.Option(False, "--paths", help="Bare result paths (merged ranking), one per line."),
@@ -165,7 +202,7 @@ def query(
         detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
         _info(f"detector: {detector}")
     searcher = api.Searcher(dataset, model, state.data_dir, weights, state.weights_dir, device,
-                            rerank=not no_rerank, detector=detector,
+                            rerank=not no_rerank, detector=detector, exact=exact,
                             detector_options=_detector_options(box_threshold, text_threshold, token_file, endpoint,
                                                                default_prompt))
     results, failures = [], 0
@@ -228,6 +265,7 @@ def eval_(
     model: str = typer.Option("lite", "--model", "-m"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint file."),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="Evaluate global search only."),
+    exact: bool = typer.Option(False, "--exact", help="Scan every descriptor even when the store has an index."),
     device: str = typer.Option("auto", "--device"),
     json_out: bool = typer.Option(False, "--json", help="One JSON object (percentages)."),
 ) -> None:
@@ -235,7 +273,7 @@ def eval_(
     from . import api
 
     r = api.evaluate(dataset, model, state.data_dir, weights, state.weights_dir, device, rerank=not no_rerank,
-                     quiet=state.quiet)
+                     quiet=state.quiet, exact=exact)
     main_result = r["reranked"] or r["global"]
     if json_out:
         _out(json.dumps({"dataset": r["dataset"], "model": r["model"], "reranked": r["reranked"] is not None,

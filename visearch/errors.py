@@ -48,3 +48,7 @@ class DetectorError(VisearchError):
 
 class DeviceError(VisearchError):
     """A device was requested that this machine does not have."""
+
+
+class SearchIndexError(VisearchError):
+    """A first-stage index that is missing, stale (the store changed under it) or cannot be built."""
