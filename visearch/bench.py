@@ -752,3 +752,98 @@ def scale_table(res: dict[str, Any]) -> Any:
     t.caption = ("ratio = exact / FAISS SQfp16 (<= 1: visearch is faster); same top-k = queries whose top-k rows "
                  "equal FAISS SQfp16's, in order; copy = a plain memory copy of the same blocks")
     return t
+
+
+# ---- bench scale --index: an approximate first stage against exact search -------------------------------------------
+def clustered_rows(rng: np.random.Generator, n: int, dim: int, groups: int = 100, chunk: int = 65536) -> np.ndarray:
+    """`[n, dim]` float16 unit rows with realistic two-level structure: n / 1000 random "scene" directions, 10
+    "object" directions within each, and groups of about `groups` rows per object (views of one object: cosine about
+    0.9 to each other, 0.7 to the scene's other objects, about 0 to other scenes). Generated in chunks."""
+    scenes = max(1, n // (10 * groups))
+    c = rng.standard_normal((scenes, dim), dtype=np.float32) / np.sqrt(dim)
+    sub = 0.5 * rng.standard_normal((scenes * 10, dim), dtype=np.float32) / np.sqrt(dim)
+    out = np.empty((n, dim), np.float16)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        o = rng.integers(0, scenes * 10, b - a)
+        x = c[o // 10] + sub[o] + (0.35 / np.sqrt(dim)) * rng.standard_normal((b - a, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[a:b] = x
+    return out
+
+
+def scale_index(factory: str, n: int = 1_000_000, dim: int = 2048, nq: int = 100, k: int = 100,
+                candidates: int = 1000, nprobe: int | None = None, train_size: int | None = None, reps: int = 1,
+                threads: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """recall@k of a FAISS first stage (its `candidates` rescored exactly, as query does) against exact search,
+    ms/query, bytes/vector and build time, on `n` clustered synthetic rows (clustered_rows; queries are database
+    rows plus noise, like a photo of an indexed object)."""
+    import torch
+
+    from .index.faiss import FaissIndex
+    from .search import topk_stream
+
+    if threads:
+        torch.set_num_threads(threads)
+        import faiss as faiss_mod
+
+        faiss_mod.omp_set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    data = clustered_rows(rng, n, dim)
+    gen_s = time.perf_counter() - t0
+    pick = rng.choice(n, nq, replace=False)
+    q = data[pick].astype(np.float32) + (0.5 / np.sqrt(dim)) * rng.standard_normal((nq, dim), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    chunk = 65536
+    blocks = [(a, data[a:a + chunk]) for a in range(0, n, chunk)]
+    t0 = time.perf_counter()
+    ex_rows, _ = topk_stream(q, blocks, k)
+    exact_s = time.perf_counter() - t0
+    idx = FaissIndex.create(factory, dim)
+    t0 = time.perf_counter()
+    if not idx.is_trained():
+        ivf = idx.ivf()
+        n_train = min(n, train_size or max(39 * (ivf.nlist if ivf is not None else 1), 50_000))
+        idx.train(data[np.sort(rng.choice(n, n_train, replace=False))])
+    train_s = time.perf_counter() - t0
+    if nprobe:
+        idx.set_nprobe(nprobe)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        r = np.arange(a, b, dtype=np.int64)
+        idx.add(r, data[a:b], r)
+    build_s = time.perf_counter() - t0
+
+    def first_stage():
+        return idx.search(q, candidates)[0]
+
+    def full():  # the query path: index shortlist, then exact rescoring from the stored rows
+        cand = first_stage()
+        out = np.empty((nq, k), np.int64)
+        for i in range(nq):
+            c = np.unique(cand[i][cand[i] >= 0])
+            s = data[c].astype(np.float32) @ q[i]
+            out[i] = c[np.argsort(-s, kind="stable")[:k]]
+        return out
+
+    stage_s = _median_time(first_stage, reps, None)
+    full_s = _median_time(full, reps, None)
+    got = full()
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, ex_rows)]))
+    cand = first_stage()
+    recall_first = float(np.mean([len(set(a[:k]) & set(b)) / k for a, b in zip(cand, ex_rows)]))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="visearch-index-") as tmp:
+        idx.save(Path(tmp))
+        file_bytes = sum(p.stat().st_size for p in Path(tmp).iterdir())
+    return {"schema_version": SCHEMA_VERSION, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(torch.device("cpu")),
+            "settings": {"factory": factory, "n": n, "dim": dim, "queries": nq, "k": k, "candidates": candidates,
+                         "nprobe": idx.nprobe, "train_size": idx.train_size, "data": "clustered_rows"},
+            f"recall@{k}": round(recall, 4), f"recall@{k}_first_stage_only": round(recall_first, 4),
+            "ms_per_query": round(full_s * 1000 / nq, 3), "first_stage_ms_per_query": round(stage_s * 1000 / nq, 3),
+            "exact_ms_per_query": round(exact_s * 1000 / nq, 3), "code_bytes_per_vector": idx.code_bytes(),
+            "file_bytes_per_vector": round(file_bytes / n, 1), "train_s": round(train_s, 2),
+            "build_s": round(build_s, 2), "generate_s": round(gen_s, 2)}

@@ -480,10 +480,30 @@ def bench_scale(
     faiss_max_gb: float = typer.Option(2.0, "--faiss-max-gb", help="Largest float32 FAISS index to build."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and FAISS."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the JSON result to this file (- = stdout)."),
+    index: Optional[str] = typer.Option(None, "--index", help="A FAISS factory string: recall@k against exact, "
+                                        "ms/query, bytes/vector, build time on clustered rows (first --sizes)."),
+    candidates: int = typer.Option(1000, "--candidates", min=1, help="With --index: shortlist rescored exactly."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="With --index: IVF lists scanned."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="With --index: training vectors."),
 ) -> None:
     """Exact top-k search time against collection size on synthetic descriptors (and FAISS flat if installed)."""
     from . import bench as bench_mod
 
+    if index:
+        n = bench_mod.parse_sizes(sizes)[0]
+        res = bench_mod.scale_index(index, n=n, dim=dim, k=top_k, candidates=candidates, nprobe=nprobe,
+                                    train_size=train_size, reps=reps, threads=threads)
+        if json_path != "-":
+            s = res["settings"]
+            rk, rk1 = res[f"recall@{s['k']}"], res[f"recall@{s['k']}_first_stage_only"]
+            _out(f"{s['factory']} over {s['n']:,} x {s['dim']} clustered rows: recall@{s['k']} "
+                 f"{rk:.3f} ({s['candidates']} candidates rescored exactly; first stage "
+                 f"alone {rk1:.3f}), {res['ms_per_query']:.1f} ms/query "
+                 f"(exact scan {res['exact_ms_per_query']:.1f}), {res['code_bytes_per_vector']:g} B/vector codes "
+                 f"({res['file_bytes_per_vector']:g} on disk), trained in {res['train_s']:.0f} s, built in "
+                 f"{res['build_s']:.0f} s")
+        _write_json_result(res, json_path)
+        return
     res = bench_mod.scale(bench_mod.parse_sizes(sizes), dim=dim, nq=queries, k=top_k, reps=reps, device=device,
                           faiss=faiss, faiss_max_gb=faiss_max_gb, threads=threads)
     if json_path != "-":

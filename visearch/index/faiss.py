@@ -25,7 +25,7 @@ def _faiss():
     try:
         import faiss
     except ImportError:
-        raise SearchIndexError("FAISS is not installed", "pip install faiss-cpu (or visearch[index])") from None
+        raise SearchIndexError("FAISS is not installed", "pip install visearch[faiss] (faiss-cpu)") from None
     return faiss
 
 
