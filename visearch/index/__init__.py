@@ -120,6 +120,10 @@ def update_index(store) -> IndexReport | None:
 
     t0 = time.perf_counter()
     idx = FaissIndex.load(folder)
+    folder_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+    if idx.state == store_state(store):  # nothing changed: no rewrite of a possibly large file
+        return IndexReport(idx.factory, len(idx), idx.train_size, time.perf_counter() - t0, idx.code_bytes(),
+                           folder_bytes)
     keys, rows, fkeys = _live_table(store)
     order = np.argsort(keys, kind="stable")
     keys, rows, fkeys = keys[order], rows[order], fkeys[order]
