@@ -17,11 +17,12 @@ import numpy as np
 import torch
 
 from tests.helpers_ckpt import make_cvnet_checkpoint
-from visearch.rerankers.ames import CHECKPOINTS, random_state
+from visearch.config import load_model_config
+from visearch.models.nets.ames_transformer import random_state
 
 SEEDS = {"r50": 0, "r101": 1, "detector": 2, "float": 3, "dist": 4}
 FILES = {"r50": "CVPR2022_CVNet_R50.pyth", "r101": "CVPR2022_CVNet_R101.pyth", "detector": "cvnet_detector.pt",
-         "float": CHECKPOINTS["float"], "dist": CHECKPOINTS["dist"]}
+         **{v: load_model_config(f"ames-{v}")["rerank"]["checkpoint"] for v in ("float", "dist")}}
 
 
 def detector_state(seed: int, channels: int = 1024) -> dict[str, torch.Tensor]:

@@ -4,6 +4,8 @@ Heavy libraries (torch, h5py, transformers) are imported inside the commands, so
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -15,7 +17,7 @@ from typing import List, Optional
 os.environ.setdefault("TYPER_USE_RICH", "0")
 import typer  # noqa: E402
 
-from .errors import UsageError, VisearchError  # noqa: E402
+from .errors import UsageError, VisearchError, first_line  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Instance-level visual search: convert, extract, detect, query, eval, bench.")
@@ -43,9 +45,44 @@ def _console(stderr: bool = False):
     return Console(stderr=stderr, highlight=False, markup=False)  # paths may contain [brackets]
 
 
+def _workspace(device: str = "auto"):
+    """The data dir, weights dir, device and quietness of this run, as the one object the library takes."""
+    from .workspace import Workspace
+
+    return Workspace.resolve(state.data_dir, state.weights_dir, device, state.quiet)
+
+
 def _info(msg: str) -> None:
     if not state.quiet:
         sys.stderr.write(msg + "\n")
+
+
+QUIET_HELP = "No progress bars or notes on stderr."
+VERBOSE_HELP = "Log details to stderr."
+
+
+def _set_output(quiet: bool, verbose: bool) -> None:
+    state.quiet = state.quiet or quiet
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def _output_flags(func):
+    """Let a command also take --quiet/--verbose after its name (`visearch extract shop --quiet`), as before it."""
+    sig = inspect.signature(func)
+    extra = [inspect.Parameter("late_quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, "--quiet", "-q", help=QUIET_HELP)),
+             inspect.Parameter("late_verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP))]
+
+    @functools.wraps(func)
+    def wrapper(*args, late_quiet: bool = False, late_verbose: bool = False, **kwargs):
+        _set_output(late_quiet, late_verbose)
+        return func(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    wrapper.__annotations__ = {**func.__annotations__, "late_quiet": "bool", "late_verbose": "bool"}
+    return wrapper
 
 
 @app.callback()
@@ -54,8 +91,8 @@ def _main(
                                             help="Where datasets and stores live [default: ./data]."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", envvar="VISEARCH_WEIGHTS_DIR",
                                                help="Where weight files live [default: ./weights]."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or notes on stderr."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details to stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     state.data_dir, state.weights_dir, state.quiet = data_dir, weights_dir, quiet
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
@@ -64,6 +101,7 @@ def _main(
 
 # ---- convert --------------------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def convert(
     source: Path = typer.Argument(..., help="Folder of images (recursive), or a revisitop dataset folder."),
     name: str = typer.Option(..., "--name", "-n", help="Dataset name (folder under the data dir)."),
@@ -74,7 +112,7 @@ def convert(
     """Turn a folder of images into a revisitop-layout dataset (re-run to add new images only)."""
     from . import api
 
-    rep = api.convert(source, name, state.data_dir, ground_truth=ground_truth, replace=replace, quiet=state.quiet)
+    rep = api.convert(source, name, ground_truth=ground_truth, replace=replace, workspace=_workspace())
     if rep.n_images == 0:
         sys.stderr.write(f"warning: no usable images found in {source}\n")
     if json_out:
@@ -85,6 +123,7 @@ def convert(
 
 # ---- extract --------------------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def extract(
     dataset: str = typer.Argument(..., help="Dataset name (see `visearch convert`)."),
     model: str = typer.Option("lite", "--model", "-m", help="Model name (`visearch models`)."),
@@ -98,8 +137,8 @@ def extract(
     """Describe the dataset's images into an HDF5 store (incremental and resumable)."""
     from . import api
 
-    r = api.extract(dataset, model, state.data_dir, weights, state.weights_dir, device, batch_size, workers,
-                    rebuild=rebuild, quiet=state.quiet)
+    r = api.extract(dataset, model, weights=weights, batch_size=batch_size, workers=workers, rebuild=rebuild,
+                    workspace=_workspace(device))
     d = {"dataset": r.dataset, "model": r.model, "store": str(r.store), "added": r.added, "updated": r.updated,
          "removed": r.removed, "failed": [{"id": i, "reason": why} for i, why in r.failed], "total": r.total,
          "seconds": round(r.seconds, 3), "images_per_s": round(r.images_per_s, 2)}
@@ -136,8 +175,8 @@ def index_build(
     """Build (or rebuild) the store's FAISS index; `extract` keeps it current afterwards."""
     from . import api
 
-    r = api.build_index(dataset, model, state.data_dir, factory=factory, memory_budget=memory_budget,
-                        train_size=train_size, nprobe=nprobe)
+    r = api.build_index(dataset, model, factory=factory, memory_budget=memory_budget, train_size=train_size,
+                        nprobe=nprobe, workspace=_workspace())
     d = {"dataset": dataset, "model": model, "factory": r.factory, "vectors": r.vectors, "train_size": r.train_size,
          "seconds": round(r.seconds, 3), "code_bytes_per_vector": r.code_bytes,
          "file_bytes_per_vector": round(r.file_bytes / max(1, r.vectors), 1)}
@@ -167,12 +206,14 @@ DEFAULT_PROMPT_HELP = ("Phrases always looked for besides --prompt (Grounding DI
 
 
 @app.command()
+@_output_flags
 def query(
     images: List[str] = typer.Argument(..., help="Query images, a .txt list of paths, or - for paths on stdin."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset to search."),
     model: str = typer.Option("lite", "--model", "-m", help="Model name (`visearch models`)."),
     weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint file."),
-    top_k: int = typer.Option(5, "--top-k", "-k", min=1, help="Results per crop."),
+    top_k: Optional[int] = typer.Option(None, "--top-k", "-k", min=1,
+                                        help="Results per crop [default: the model's [search] top_k, 5]."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to look for, e.g. 'clothes . bag'."),
     detector: Optional[str] = typer.Option(None, "--detector",
                                            help="gdino, gdino-cloud, tiles or none [default: none, or auto "
@@ -197,11 +238,15 @@ def query(
     if json_out and paths:
         raise UsageError("--json and --paths cannot be combined")
     stdin_lines = sys.stdin.read().splitlines() if "-" in images else None
-    qlist = api.read_query_list(images, stdin_lines)
+    qlist = _read_query_list(images, stdin_lines)
+    if top_k is None:
+        from .config import load_model_config
+
+        top_k = int(load_model_config(model)["search"]["top_k"])
     if detector is None and (prompt or token_file or endpoint):
         detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
         _info(f"detector: {detector}")
-    searcher = api.Searcher(dataset, model, state.data_dir, weights, state.weights_dir, device,
+    searcher = api.Searcher(dataset, model, weights=weights, workspace=_workspace(device),
                             rerank=not no_rerank, detector=detector, exact=exact,
                             detector_options=_detector_options(box_threshold, text_threshold, token_file, endpoint,
                                                                default_prompt))
@@ -236,6 +281,21 @@ def query(
         raise typer.Exit(1)
 
 
+def _read_query_list(args: List[str], stdin_lines: Optional[List[str]] = None) -> List[str]:
+    """Query arguments: image paths, `-` for stdin (one path per line), or a .txt/.lst file of paths."""
+    out: List[str] = []
+    for a in args:
+        if a == "-":
+            out += [ln.strip() for ln in (stdin_lines or []) if ln.strip()]
+        elif a.lower().endswith((".txt", ".lst")) and Path(a).is_file():
+            out += [ln.strip() for ln in Path(a).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        else:
+            out.append(a)
+    if not out:
+        raise UsageError("no query images given", "pass image paths, a .txt list, or - to read paths from stdin")
+    return out
+
+
 def _print_query_table(res: dict) -> None:
     from rich.table import Table
 
@@ -258,8 +318,62 @@ def _print_query_table(res: dict) -> None:
         console.print(t)
 
 
+# ---- serve / ui -----------------------------------------------------------------------------------------------------
+def _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb,
+           open_browser: bool) -> None:
+    from .serve.server import serve as run_server
+    from .serve.service import ServeOptions
+
+    if max_upload_mb <= 0:
+        raise UsageError("--max-upload-mb must be positive")
+    opts = ServeOptions(datasets=dataset, models=model or ["lite"], detectors=detector or [], data_dir=state.data_dir,
+                        weights_dir=state.weights_dir, device=device, workers=workers, max_pending=max_pending,
+                        max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    run_server(opts, host=host, port=port, token_file=token_file, open_browser=open_browser, quiet=state.quiet)
+
+
+_SERVE_OPTIONS = dict(
+    dataset=typer.Option(..., "--dataset", "-d", help="Dataset to serve (repeat for more)."),
+    model=typer.Option(None, "--model", "-m", help="Model to serve (repeat for more) [default: lite]."),
+    host=typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback it needs --token-file."),
+    port=typer.Option(8421, "--port", help="TCP port."),
+    detector=typer.Option(None, "--detector", help="Detector to keep loaded (repeat; the first is the default with "
+                                                   "a prompt) [default: gdino if its weights are present, else tiles]."),
+    token_file=typer.Option(None, "--token-file", help="File holding the bearer token clients must send."),
+    device=typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    workers=typer.Option(1, "--workers", min=1, help="Queries run at once (1 = one model forward at a time)."),
+    max_pending=typer.Option(64, "--max-pending", min=1, help="Running + waiting queries before 503 busy."),
+    max_upload_mb=typer.Option(20.0, "--max-upload-mb", help="Largest upload in MB (larger: 413)."),
+)
+
+
+@app.command()
+def serve(
+    dataset: List[str] = _SERVE_OPTIONS["dataset"], model: Optional[List[str]] = _SERVE_OPTIONS["model"],
+    host: str = _SERVE_OPTIONS["host"], port: int = _SERVE_OPTIONS["port"],
+    detector: Optional[List[str]] = _SERVE_OPTIONS["detector"], token_file: Optional[Path] = _SERVE_OPTIONS["token_file"],
+    device: str = _SERVE_OPTIONS["device"], workers: int = _SERVE_OPTIONS["workers"],
+    max_pending: int = _SERVE_OPTIONS["max_pending"], max_upload_mb: float = _SERVE_OPTIONS["max_upload_mb"],
+) -> None:
+    """Serve the search page and JSON API with models kept in memory (Ctrl-C to stop)."""
+    _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb, False)
+
+
+@app.command()
+def ui(
+    dataset: List[str] = _SERVE_OPTIONS["dataset"], model: Optional[List[str]] = _SERVE_OPTIONS["model"],
+    host: str = _SERVE_OPTIONS["host"], port: int = _SERVE_OPTIONS["port"],
+    detector: Optional[List[str]] = _SERVE_OPTIONS["detector"], token_file: Optional[Path] = _SERVE_OPTIONS["token_file"],
+    device: str = _SERVE_OPTIONS["device"], workers: int = _SERVE_OPTIONS["workers"],
+    max_pending: int = _SERVE_OPTIONS["max_pending"], max_upload_mb: float = _SERVE_OPTIONS["max_upload_mb"],
+) -> None:
+    """`serve`, and open the page in a browser when one is available."""
+    _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb, True)
+
+
 # ---- eval -----------------------------------------------------------------------------------------------------------
 @app.command("eval")
+@_output_flags
 def eval_(
     dataset: str = typer.Argument(..., help="Dataset with ground truth."),
     model: str = typer.Option("lite", "--model", "-m"),
@@ -272,8 +386,7 @@ def eval_(
     """Revisitop evaluation: mAP (Easy/Medium/Hard) and mP@1/5/10."""
     from . import api
 
-    r = api.evaluate(dataset, model, state.data_dir, weights, state.weights_dir, device, rerank=not no_rerank,
-                     quiet=state.quiet, exact=exact)
+    r = api.evaluate(dataset, model, weights=weights, rerank=not no_rerank, workspace=_workspace(device), exact=exact)
     main_result = r["reranked"] or r["global"]
     if json_out:
         _out(json.dumps({"dataset": r["dataset"], "model": r["model"], "reranked": r["reranked"] is not None,
@@ -299,6 +412,7 @@ def eval_(
 
 # ---- detect ---------------------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def detect(
     image: Path = typer.Argument(..., help="Image to search for regions."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to look for, e.g. 'clothes . bag'."),
@@ -344,6 +458,7 @@ def detect(
 
 # ---- models and weights ---------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def models() -> None:
     """List the model names."""
     from .config import load_model_config, model_names
@@ -355,12 +470,13 @@ def models() -> None:
 
 
 @weights_app.command("list")
+@_output_flags
 def weights_list() -> None:
     """Weight files each model needs, whether they are present, and where they come from."""
-    from . import config, weights
+    from . import weight_files
 
-    wdir = state.weights_dir or config.default_weights_dir()
-    for st in weights.status(wdir):
+    wdir = _workspace().weights_dir
+    for st in weight_files.status(wdir):
         spec = st.spec
         mark = "present" if st.present else "missing"
         _out(f"{spec.name:22s} {mark:8s} {st.path}  sha256={spec.sha256 or 'unknown'}  "
@@ -368,13 +484,14 @@ def weights_list() -> None:
 
 
 @weights_app.command("download")
+@_output_flags
 def weights_download(names: List[str] = typer.Argument(..., help="Items or model names from `weights list`.")) -> None:
     """Download weight files (resumable, size/hash checked, written atomically)."""
-    from . import config, progress, weights
+    from . import progress, weight_files
 
-    wdir = state.weights_dir or config.default_weights_dir()
+    wdir = _workspace().weights_dir
     for n in names:
-        for spec in weights.items_for(n):
+        for spec in weight_files.items_for(n):
             with progress.task(f"download {spec.name}", spec.size or spec.approx_size, state.quiet, unit="B") as adv:
                 last = [0]
 
@@ -382,17 +499,18 @@ def weights_download(names: List[str] = typer.Argument(..., help="Items or model
                     adv(done - last[0])
                     last[0] = done
 
-                path = weights.download(spec.name, wdir, progress=cb)
+                path = weight_files.download(spec.name, wdir, progress=cb)
             _out(str(path))
 
 
 @weights_app.command("verify")
+@_output_flags
 def weights_verify(all_items: bool = typer.Option(False, "--all", help="Also list missing items.")) -> None:
     """Check sizes, hashes and safe loadability of the weight files present."""
-    from . import config, weights
+    from . import weight_files
 
-    wdir = state.weights_dir or config.default_weights_dir()
-    results = weights.verify(wdir, include_missing=all_items)
+    wdir = _workspace().weights_dir
+    results = weight_files.verify(wdir, include_missing=all_items)
     for r in results:
         _out(f"{r.spec.name:22s} {'ok' if r.ok else 'BAD'}  {r.message}")
     if not results:
@@ -418,6 +536,7 @@ def _write_json_result(obj: dict, dest: Optional[str]) -> None:
 
 
 @bench_app.callback(invoke_without_command=True)
+@_output_flags
 def bench(
     ctx: typer.Context,
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset to benchmark on (required)."),
@@ -450,7 +569,7 @@ def bench(
         try:
             old = json.loads(compare_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read {compare_path} as a bench JSON result ({str(e).splitlines()[0][:120]})",
+            raise UsageError(f"cannot read {compare_path} as a bench JSON result ({first_line(e, 120)})",
                              "pass a file written by `visearch bench --json FILE`") from None
     result = bench_mod.run(dataset, models_.split(","), data_dir=state.data_dir, weights_dir=state.weights_dir,
                            weights=weights, device=device, queries=queries, warmup=warmup, sample=sample,
@@ -469,6 +588,7 @@ def bench(
 
 
 @bench_app.command("scale")
+@_output_flags
 def bench_scale(
     sizes: str = typer.Option("10k,100k,1M", "--sizes", help="Numbers of stored descriptors, e.g. 10k,100k,1M."),
     dim: int = typer.Option(2048, "--dim", min=1, help="Descriptor dimension (float16)."),
@@ -527,8 +647,8 @@ def main() -> None:
     except Exception as e:  # an unexpected bug: still one line, with a way to see more
         if os.environ.get("VISEARCH_DEBUG"):
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        sys.stderr.write(f"error: unexpected {type(e).__name__}: {first} (set VISEARCH_DEBUG=1 for a traceback)\n")
+        sys.stderr.write(f"error: unexpected {type(e).__name__}: {first_line(e, 300)} "
+                         "(set VISEARCH_DEBUG=1 for a traceback)\n")
         sys.exit(1)
 
 

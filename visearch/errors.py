@@ -52,3 +52,10 @@ class DeviceError(VisearchError):
 
 class SearchIndexError(VisearchError):
     """A first-stage index that is missing, stale (the store changed under it) or cannot be built."""
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type name when it has none), at most `limit` characters:
+    what goes inside our one-line error messages."""
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:limit]

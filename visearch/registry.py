@@ -24,9 +24,11 @@ RERANKERS = {
 # detector name -> "module:function"; build(**options) -> Detector
 DETECTORS = {
     "gdino": "visearch.detectors.grounding_dino:build",
-    "gdino-cloud": "visearch.detectors.dds_cloud:build",
+    "gdino-cloud": "visearch.detectors.gdino_cloud:build",
     "tiles": "visearch.detectors.tiles:build_tiles",
-    "none": "visearch.detectors.tiles:build_none",
+    "whole-image": "visearch.detectors.whole_image:build",
+    "none": "visearch.detectors.whole_image:build",  # the CLI's name for whole-image
+
 }
 
 

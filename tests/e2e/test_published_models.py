@@ -92,7 +92,7 @@ def sg(tmp_path_factory, weights_dir) -> dict:
 
 
 def test_superglobal_extract_store(sg, weights_dir):
-    from visearch.models.base import sha256_file
+    from visearch.fsutil import sha256_file
     from visearch.store import Store
 
     rep = sg["extract"]
@@ -224,7 +224,7 @@ def test_ames_dist_extract_store(ames):
 
 
 def test_ames_query_rerank_small_crop_and_no_rerank(ames, weights_dir):
-    from visearch.rerankers.ames import DEFAULTS
+    from visearch.config import load_model_config
 
     common = ["--dataset", "pair", "--model", "ames", "--device", "cpu", "--json", "--top-k", "2"]
     p = visearch("-v", "query", ames["q"], ames["tiny"], *common, data=ames["data"], weights=weights_dir)
@@ -240,7 +240,7 @@ def test_ames_query_rerank_small_crop_and_no_rerank(ames, weights_dir):
     rr = {x["id"]: x["score"] for x in reranked[0]["crops"][0]["results"]}
     assert set(g) == set(rr)
     # reranked score = lam * global + (1 - lam) * sigmoid(gamma * logit): the AMES part lies strictly in (0, 1)
-    lam = DEFAULTS["dist"]["lam"]
+    lam = load_model_config("ames-dist")["rerank"]["lam"]
     for i in g:
         part = (rr[i] - lam * g[i]) / (1 - lam)
         assert 1e-4 < part < 1 - 1e-4, (i, rr[i], g[i])

@@ -17,16 +17,8 @@ import pytest
 import torch
 
 from visearch.errors import WeightsError
-from visearch.rerankers.ames import (
-    AMES,
-    PACKED_BYTES,
-    AMESReranker,
-    combined_scores,
-    pack_signs,
-    random_state,
-    rerank,
-    unpack_signs,
-)
+from visearch.models.nets.ames_transformer import AMES, PACKED_BYTES, pack_signs, random_state, unpack_signs
+from visearch.rerankers.ames import AMESReranker, combined_scores, rerank
 from visearch.rerankers.base import Shortlist
 
 DATA = Path(__file__).resolve().parent.parent / "data"
@@ -233,5 +225,7 @@ def test_reranker_on_shortlist(tmp_path: Path) -> None:
         expect = rerank(sims[i:i + 1], rows[i:i + 1], lg[None], 0.65, 0.2, 4)[0]
         np.testing.assert_array_equal(out.rows[i], expect)
         s = combined_scores(sims[i, :4], lg, 0.65, 0.2)
-        np.testing.assert_allclose(out.sims[i, :4], np.sort(s)[::-1], atol=1e-5)
-        np.testing.assert_array_equal(out.sims[i, 4:], sims[i, 4:])
+        np.testing.assert_allclose(out.scores[i, :4], np.sort(s)[::-1], atol=1e-5)
+        np.testing.assert_array_equal(out.scores[i, 4:], sims[i, 4:])
+        # sims stay the global cosines, moved with their rows
+        np.testing.assert_array_equal(out.sims[i], [sims[i][list(rows[i]).index(r)] for r in out.rows[i]])

@@ -20,9 +20,15 @@ import numpy as np
 
 @runtime_checkable
 class Index(Protocol):
-    """build (classmethod of each implementation), add, remove, search, save / load."""
+    """Top-k search over the live rows of one store; build (classmethod of each implementation), add, remove,
+    search, save / load.
 
-    kind: str
+    `search(queries, k)`: queries `[nq, D]` float32 (L2-normalised) -> (rows `[nq, k']` int64 store rows, sims
+    `[nq, k']` float32), best first; dead (tombstoned) rows are never returned. `exact` says whether the scores are
+    the exact cosines of the stored descriptors (an approximate index's shortlist is rescored exactly by callers)."""
+
+    name: str
+    exact: bool
 
     def add(self, keys: np.ndarray, vectors: np.ndarray, rows: np.ndarray) -> None:
         """Add vectors `[n, D]` under `keys` `[n]` (int64), located at store `rows` `[n]`."""

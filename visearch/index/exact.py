@@ -9,10 +9,11 @@ import numpy as np
 class ExactIndex:
     """Brute-force cosine top-k over an open Store's live rows; add/remove follow the store (nothing to do here)."""
 
-    kind = "exact"
+    name = "exact"
+    exact = True
 
     def __init__(self, store, device=None, chunk_rows: int = 16384):
-        self.store, self.device, self.chunk_rows = store, device, chunk_rows
+        self.store, self.device, self.chunk_rows = store, device, int(chunk_rows)
 
     @classmethod
     def build(cls, store, **_: object) -> "ExactIndex":

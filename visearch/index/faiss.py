@@ -30,6 +30,8 @@ def _faiss():
 
 
 class FaissIndex:
+    name = "faiss"
+    exact = False
     kind = "faiss"
 
     def __init__(self, index, factory: str, dim: int, keys: np.ndarray | None = None, rows: np.ndarray | None = None,
