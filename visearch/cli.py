@@ -149,6 +149,42 @@ def extract(
          f"{len(r.failed)} failed, {r.total} images in dataset ({r.images_per_s:.1f} img/s) -> {r.store}")
     for i, why in r.failed[:20]:
         sys.stderr.write(f"  skipped {i}: {why}\n")
+    if r.index is not None:
+        _info(f"index updated: {r.index.added} added, {r.index.removed} removed, {r.index.vectors} vectors")
+
+
+# ---- index ----------------------------------------------------------------------------------------------------------
+index_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="A FAISS first-stage index in the store folder (query and eval then use it).")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    dataset: str = typer.Argument(..., help="Dataset name."),
+    model: str = typer.Option("lite", "--model", "-m", help="Model whose store is indexed."),
+    factory: Optional[str] = typer.Option(None, "--factory", help="FAISS index factory string, e.g. "
+                                          "'PCAR256,IVF4096_HNSW32,PQ64' [default: chosen from size and budget]."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="e.g. 4GB: the rule picks an index "
+                                                "whose codes fit."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Vectors to train on "
+                                             "[default: max(39 x lists, 50,000)]."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists scanned per query [64]."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Build (or rebuild) the store's FAISS index; `extract` keeps it current afterwards."""
+    from . import api
+
+    r = api.build_index(dataset, model, factory=factory, memory_budget=memory_budget, train_size=train_size,
+                        nprobe=nprobe, workspace=_workspace())
+    d = {"dataset": dataset, "model": model, "factory": r.factory, "vectors": r.vectors, "train_size": r.train_size,
+         "seconds": round(r.seconds, 3), "code_bytes_per_vector": r.code_bytes,
+         "file_bytes_per_vector": round(r.file_bytes / max(1, r.vectors), 1)}
+    if json_out:
+        _out(json.dumps(d))
+        return
+    _out(f"{dataset} [{model}]: {r.factory} over {r.vectors} vectors (trained on {r.train_size}), "
+         f"{r.code_bytes:g} B/vector codes, {d['file_bytes_per_vector']} B/vector on disk, {r.seconds:.1f} s")
 
 
 # ---- query ----------------------------------------------------------------------------------------------------------
@@ -191,6 +227,7 @@ def query(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="gdino-cloud API endpoint."),
     default_prompt: Optional[str] = typer.Option(None, "--default-prompt", help=DEFAULT_PROMPT_HELP),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="Global search only."),
+    exact: bool = typer.Option(False, "--exact", help="Scan every descriptor even when the store has an index."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per query image."),
     paths: bool = typer.Option(False, "--paths", help="Bare result paths (merged ranking), one per line."),
@@ -219,7 +256,7 @@ def query(
 
         top_k = int(load_model_config(model)["search"]["top_k"])
     searcher = api.Searcher(dataset, model, weights=weights, workspace=_workspace(device),
-                            rerank=not no_rerank, detector=detector, prompt=prompt,
+                            rerank=not no_rerank, detector=detector, prompt=prompt, exact=exact,
                             detector_options=_detector_options(box_threshold, text_threshold, token_file, endpoint,
                                                                default_prompt))
     if detector is None and searcher.detector_name != "none":  # the library's automatic choice, said once
@@ -371,13 +408,14 @@ def eval_(
     model: str = typer.Option("lite", "--model", "-m"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint file."),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="Evaluate global search only."),
+    exact: bool = typer.Option(False, "--exact", help="Scan every descriptor even when the store has an index."),
     device: str = typer.Option("auto", "--device"),
     json_out: bool = typer.Option(False, "--json", help="One JSON object (percentages)."),
 ) -> None:
     """Revisitop evaluation: mAP (Easy/Medium/Hard) and mP@1/5/10."""
     from . import api
 
-    r = api.evaluate(dataset, model, weights=weights, rerank=not no_rerank, workspace=_workspace(device))
+    r = api.evaluate(dataset, model, weights=weights, rerank=not no_rerank, workspace=_workspace(device), exact=exact)
     main_result = r["reranked"] or r["global"]
     if json_out:
         _out(json.dumps({"dataset": r["dataset"], "model": r["model"], "reranked": r["reranked"] is not None,
@@ -596,10 +634,30 @@ def bench_scale(
     faiss_max_gb: float = typer.Option(2.0, "--faiss-max-gb", help="Largest float32 FAISS index to build."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and FAISS."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the JSON result to this file (- = stdout)."),
+    index: Optional[str] = typer.Option(None, "--index", help="A FAISS factory string: recall@k against exact, "
+                                        "ms/query, bytes/vector, build time on clustered rows (first --sizes)."),
+    candidates: int = typer.Option(1000, "--candidates", min=1, help="With --index: shortlist rescored exactly."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="With --index: IVF lists scanned."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="With --index: training vectors."),
 ) -> None:
     """Exact top-k search time against collection size on synthetic descriptors (and FAISS flat if installed)."""
     from . import bench as bench_mod
 
+    if index:
+        n = bench_mod.parse_sizes(sizes)[0]
+        res = bench_mod.scale_index(index, n=n, dim=dim, k=top_k, candidates=candidates, nprobe=nprobe,
+                                    train_size=train_size, reps=reps, threads=threads)
+        if json_path != "-":
+            s = res["settings"]
+            rk, rk1 = res[f"recall@{s['k']}"], res[f"recall@{s['k']}_first_stage_only"]
+            _out(f"{s['factory']} over {s['n']:,} x {s['dim']} clustered rows: recall@{s['k']} "
+                 f"{rk:.3f} ({s['candidates']} candidates rescored exactly; first stage "
+                 f"alone {rk1:.3f}), {res['ms_per_query']:.1f} ms/query "
+                 f"(exact scan {res['exact_ms_per_query']:.1f}), {res['code_bytes_per_vector']:g} B/vector codes "
+                 f"({res['file_bytes_per_vector']:g} on disk), trained in {res['train_s']:.0f} s, built in "
+                 f"{res['build_s']:.0f} s")
+        _write_json_result(res, json_path)
+        return
     res = bench_mod.scale(bench_mod.parse_sizes(sizes), dim=dim, nq=queries, k=top_k, reps=reps, device=device,
                           faiss=faiss, faiss_max_gb=faiss_max_gb, threads=threads)
     if json_path != "-":

@@ -132,6 +132,13 @@ def test_scale_small_sets_all_backends(tmp_path):
         assert small["faiss_skipped"].startswith("faiss is not installed")
     else:
         assert small["faiss_ms"] > 0 and big["faiss_ms"] > 0
+        # FAISS SQfp16 on the same float16 rows finds the same top-k (random rows: no ties)
+        assert small["faiss_sq_ms"] > 0 and small["same_top_k_as_faiss_sq"] == 1.0
+        assert small["exact_vs_faiss_sq"] == pytest.approx(small["exact_ms"] / small["faiss_sq_ms"], rel=1e-2)
+        assert big["faiss_sq_ms"] is None and "not held in memory" in big["faiss_sq_skipped"]
+    for r in (small, big):
+        assert r["copy_gb_per_s"] > 0 and r["exact_chunks_rescored"] + r["exact_chunks_float32"] >= 1
+    assert small["exact_float32_ms"] > 0 and "exact_float32_ms" not in big
     assert list(tmp_path.iterdir()) == []  # temporary stores removed
     limited = bench.scale(sizes=(600,), dim=32, nq=2, k=5, reps=1, faiss_max_gb=1e-6, store_max=0)
     r = limited["sizes"]["600"]

@@ -32,6 +32,7 @@ class ExtractReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     total: int = 0
     seconds: float = 0.0
+    index: Any = None  # visearch.index.IndexReport when the store has an index that extract brought up to date
 
     @property
     def images_per_s(self) -> float:
@@ -299,5 +300,8 @@ def _extract(dataset, model, weights, batch_size, workers, rebuild, shard_rows, 
                 commit(writer, pending_ids, pending, p.fingerprints)
         count(report, p, described)
         writer.compact()
+        from ..index import update_index
+
+        report.index = update_index(writer.store)  # under the writer lock; None when the store has no index
     report.seconds = time.perf_counter() - t0
     return report

@@ -71,7 +71,8 @@ class Searcher:
     def __init__(self, dataset: str, model: str = "lite", data_dir: str | Path | None = None,
                  weights: str | Path | None = None, weights_dir: str | Path | None = None, device: str = "auto",
                  rerank: bool = True, detector: str | None = None, detector_options: dict[str, Any] | None = None,
-                 describer=None, *, workspace: Workspace | None = None, prompt: str | None = None):
+                 describer=None, *, workspace: Workspace | None = None, prompt: str | None = None,
+                 exact: bool = False, index_candidates: int = 1000):
         """`detector` None is automatic, as in the CLI (pipeline.detect.choose_detector): `none` for plain queries;
         for a query with a prompt (`prompt` here is the default of `search`) `gdino` when its weights are present,
         else `tiles` (`gdino-cloud` when the options carry a token file or an endpoint)."""
@@ -104,7 +105,11 @@ class Searcher:
         if not self.live.any():
             raise StoreError(f"the {self.model} store of dataset {dataset!r} is empty",
                              f"add images and run `visearch extract {dataset} --model {self.model}`")
-        self.index = ExactIndex(self.store, self.device, live=self.live)
+        from ..index import open_index
+
+        # the first stage: the store's FAISS index when it has one (refused when stale), else the exact scan
+        self.index = (None if exact else open_index(self.store)) or ExactIndex(self.store, self.device, live=self.live)
+        self.index_candidates = index_candidates
         self.reranker = load_reranker(self.describer.config, wdir, ws.device) if rerank else None
         self.prompt = prompt
         self._detector_options = dict(detector_options or {})
@@ -140,13 +145,36 @@ class Searcher:
         if use_rerank:
             shortlist_k = max(k, self.reranker.shortlist_size)
         t0 = time.perf_counter()
-        rows, sims = self.index.search(feats.global_, shortlist_k)
+        rows, sims = self.global_search(feats.global_, shortlist_k)
         t1 = time.perf_counter()
         if use_rerank:
             rows, sims = self.rerank_shortlist(feats, rows, sims)
         if timings is not None:
             timings.update(search=t1 - t0, rerank=time.perf_counter() - t1)
         return rows[:, :k], sims[:, :k]
+
+    def global_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by exact cosine: the exact scan, or an approximate index's `index_candidates` (at least k) rescored
+        exactly from the stored descriptors. A k beyond the candidates (eval's full ranking) continues with the exact
+        ranking of the remaining rows."""
+        from ..index import rescore
+        from ..search import search_store
+
+        if self.index.exact:
+            return self.index.search(q, k)
+        n_live = int(self.live.sum())
+        m = min(n_live, max(k if k < n_live else 0, self.index_candidates))
+        cand, _ = self.index.search(q, m)
+        cand = np.where((cand >= 0) & self.live[np.clip(cand, 0, None)], cand, -1)  # only images in the dataset now
+        rows, sims = rescore(q, self.store, cand, min(k, m))
+        if rows.shape[1] < min(k, m):  # the index returned fewer than asked (e.g. sparse IVF lists): scan
+            return search_store(q, self.store, k, device=self.device, live=self.live)
+        if k > rows.shape[1]:
+            er, es = search_store(q, self.store, k, device=self.device, live=self.live)
+            tails = [~np.isin(er[i], rows[i]) for i in range(len(q))]
+            rows = np.stack([np.concatenate([rows[i], er[i][t]]) for i, t in enumerate(tails)])
+            sims = np.stack([np.concatenate([sims[i], es[i][t]]) for i, t in enumerate(tails)])
+        return rows, sims
 
     def rerank_shortlist(self, feats, rows: np.ndarray, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Rerank global candidates `[nq, m]` (best first). A reranker reorders the head of the list (SuperGlobal:
