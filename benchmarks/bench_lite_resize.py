@@ -121,7 +121,7 @@ def measure(name: str, ds, db: list, queries: list, threads: int, workers: int =
     import torch
 
     from visearch import load_model
-    from visearch.evaluate import evaluate_protocols
+    from visearch.metrics import evaluate_protocols
 
     torch.set_num_threads(threads)
     model = load_model("lite", device="cpu", overrides={"describe": POLICIES[name]})
