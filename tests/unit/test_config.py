@@ -53,7 +53,7 @@ def test_store_identity_ignores_batch_sizes_and_fills_defaults():
     assert identity(old) == base
     # lite's stores recorded only the keys in lite.toml; the defaults they left out are the schema's
     lite = load_model_config("lite")
-    short = {"family": "lite", "describe": {k: lite["describe"][k] for k in ("scales", "gem_p", "max_side")},
+    short = {"family": "lite", "describe": {k: lite["describe"][k] for k in ("scales", "gem_p", "max_side", "upscale")},
              "store": {"dtype": "float16"}}
     assert identity(short) == identity(lite)
     assert "local" in identity(load_model_config("ames-dist")) and "local" not in identity(lite)
