@@ -8,6 +8,9 @@ end-to-end runs of the superglobal-r50 / superglobal-r101 / ames-dist / ames-flo
                                                       own reranker tensors}, "cfg"} (tests/helpers_ckpt.py)
   cvnet_detector.pt                                   {"state": AMES CVNet detector (conv1, bn, conv2)}
   r101_cvnet_ames.pt, cvnet_ames_dist.pt              {"state": AMES transformer (visearch.rerankers.ames)}
+  dinov2_vitb14_reg4_pretrain.pth                     flat DINOv2 ViT-B/14-reg4 state_dict (350 MB)
+  dinov2_detector.pt                                  {"state": AMES DINOv2 detector (768 channels)}
+  dinov2_ames.pt, dinov2_ames_dist.pt                 {"state": AMES transformer for 768-d local descriptors}
 """
 from __future__ import annotations
 
@@ -17,11 +20,17 @@ import numpy as np
 import torch
 
 from tests.helpers_ckpt import make_cvnet_checkpoint
+from visearch.models.ames_dinov2 import FILES as DINO_FILES
 from visearch.rerankers.ames import CHECKPOINTS, random_state
 
-SEEDS = {"r50": 0, "r101": 1, "detector": 2, "float": 3, "dist": 4}
+SEEDS = {"r50": 0, "r101": 1, "detector": 2, "float": 3, "dist": 4, "dinov2": 5, "dinov2_detector": 6,
+         "dinov2_float": 7, "dinov2_dist": 8}
 FILES = {"r50": "CVPR2022_CVNet_R50.pyth", "r101": "CVPR2022_CVNet_R101.pyth", "detector": "cvnet_detector.pt",
-         "float": CHECKPOINTS["float"], "dist": CHECKPOINTS["dist"]}
+         "float": CHECKPOINTS["float"], "dist": CHECKPOINTS["dist"], "dinov2": DINO_FILES["backbone"],
+         "dinov2_detector": DINO_FILES["detector"], "dinov2_float": DINO_FILES["ames_float"],
+         "dinov2_dist": DINO_FILES["ames_dist"]}
+CVNET = ("r50", "r101", "detector", "float", "dist")  # the files of the CVNet-based models
+DINOV2 = ("r101", "dinov2", "dinov2_detector", "dinov2_float", "dinov2_dist")  # ames-dinov2(-dist), dinov2
 
 
 def detector_state(seed: int, channels: int = 1024) -> dict[str, torch.Tensor]:
@@ -39,7 +48,7 @@ def detector_state(seed: int, channels: int = 1024) -> dict[str, torch.Tensor]:
             "conv2.bias": f(1, scale=0.1)}
 
 
-def write_weights_dir(path: str | Path, which: tuple[str, ...] = tuple(FILES)) -> Path:
+def write_weights_dir(path: str | Path, which: tuple[str, ...] = CVNET) -> Path:
     """Write the random official-format files named by `which` (keys of FILES) into `path`; returns `path`.
     Files already there are kept (the content depends only on the seeds)."""
     path = Path(path)
@@ -53,6 +62,14 @@ def write_weights_dir(path: str | Path, which: tuple[str, ...] = tuple(FILES)) -
             make_cvnet_checkpoint(tmp, 50 if key == "r50" else 101, SEEDS[key])
         elif key == "detector":
             torch.save({"state": detector_state(SEEDS[key])}, tmp)
+        elif key == "dinov2":
+            from visearch.models.nets.vit_dinov2 import random_state as vit_state
+
+            torch.save(vit_state(SEEDS[key]), tmp)
+        elif key == "dinov2_detector":
+            torch.save({"state": detector_state(SEEDS[key], channels=768)}, tmp)
+        elif key.startswith("dinov2_"):
+            torch.save({"state": random_state(key.split("_")[1], SEEDS[key], local_dim=768)}, tmp)
         else:
             torch.save({"state": random_state(key, SEEDS[key])}, tmp)
         tmp.replace(dst)
