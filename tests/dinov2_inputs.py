@@ -9,7 +9,7 @@ BACKBONE_SEED, DETECTOR_SEED = 31, 32
 AMES_SEED = {"float": 33, "dist": 34}
 # odd sizes (H, W): below, at and above multiples of 14, a tiny one (-> 14 x 14) and one with > 700 patches (top-k)
 SIZES = [(61, 89), (100, 45), (7, 5), (33, 250), (97, 141), (400, 430)]
-LOCAL_IMAGES = (0, 1, 5)  # images whose local records are compared (the last has 28 x 31 = 868 patches > 700)
+LOCAL_IMAGES = (0, 1, 5)  # images whose local records are compared (the last has 29 x 31 = 899 patches > 700)
 IMSIZES = (0, 224, 100)   # 0 = native resolution (the reference default, --imsize absent)
 
 

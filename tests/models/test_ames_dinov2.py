@@ -132,13 +132,16 @@ def test_resize_matches_reference(golden) -> None:
 # ---- backbone -------------------------------------------------------------------------------------------------------
 def test_backbone_tokens_match_reference(vit_file: Path, golden) -> None:
     from visearch.models.dinov2 import resize_to_patches, to_network
-    from visearch.models.nets.vit_dinov2 import load_dinov2
+    from visearch.models.nets.vit_dinov2 import DinoV2ViT, load_dinov2
+    from visearch.models.nets.vit_dinov2 import random_state as vit_state
 
     torch.set_num_threads(2)
     net = load_dinov2(vit_file)
     proj = torch.from_numpy(projection())
     with torch.inference_mode():
         for i, bgr in enumerate(make_images()):
+            if i == LOCAL_IMAGES[-1]:  # 899 patches: checked through its local records (saves a large forward)
+                continue
             cls, patches = net.forward_features(to_network(resize_to_patches(bgr)))
             np.testing.assert_allclose(cls[0].numpy(), golden[f"cls{i}"], rtol=0, atol=1e-5)
             if f"patch{i}" in golden:
@@ -146,8 +149,11 @@ def test_backbone_tokens_match_reference(vit_file: Path, golden) -> None:
             else:
                 assert np.abs(patches[0, :16].numpy() - golden[f"patch{i}_head"]).max() <= 1e-5
             np.testing.assert_allclose((patches[0] @ proj).numpy(), golden[f"patch{i}_proj"], rtol=0, atol=1e-4)
+        # the training size 518 x 518: positional embedding used as is (one block: the same code, a cheaper test)
+        one = DinoV2ViT(depth=1)
+        one.load_state_dict(vit_state(BACKBONE_SEED + 1, depth=1), strict=True)
         x = torch.from_numpy(np.random.RandomState(5).standard_normal((1, 3, 518, 518)).astype(np.float32))
-        cls, patches = net.forward_features(x)  # the training size: positional embedding used as is
+        cls, patches = one.forward_features(x)
         np.testing.assert_allclose(cls[0].numpy(), golden["x518_cls"], rtol=0, atol=1e-5)
         np.testing.assert_allclose((patches[0] @ proj).numpy(), golden["x518_proj"], rtol=0, atol=1e-4)
 
