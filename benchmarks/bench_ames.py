@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "tests" / "models"))
 
 from visearch.device import resolve_device, synchronize  # noqa: E402
-from visearch.rerankers.ames import AMES, random_state  # noqa: E402
+from visearch.models.nets.ames_transformer import AMES, random_state  # noqa: E402
 
 
 def _timed(fn, device, repeat: int = 3) -> float:

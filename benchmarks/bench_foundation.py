@@ -6,6 +6,13 @@ queries, per stage) and CLI start-up time (`visearch --help`, median of 10 runs)
 
 The demo collection is benchmarks/make_demo.py's (`make demo`): 14 of scikit-image's bundled photos and 12 rescaled
 or cropped query copies, each query's source as its positive.
+
+Then mAP Easy / Medium / Hard (revisitop protocol, global and reranked) of every model on benchmarks/photos (the
+real-photo set of benchmarks/photos/build.py, built in a temp dir; needs `apt-get install opencv-doc
+visp-images-data`); a model whose weights are not in the weights dir is listed as skipped.
+
+    python benchmarks/bench_foundation.py --photos-models lite,superglobal-r101 --photos-set /tmp/photos_set
+    python benchmarks/bench_foundation.py --no-photos
 """
 from __future__ import annotations
 
@@ -57,6 +64,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (this machine: 2 cores)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", dest="json_path", help="also write the full bench result as JSON")
+    ap.add_argument("--photos-models", default=",".join(PHOTOS_MODELS),
+                    help="models evaluated on benchmarks/photos [%(default)s]")
+    ap.add_argument("--photos-set", type=Path, help="a folder written by benchmarks/photos/build.py [built here]")
+    ap.add_argument("--no-photos", action="store_true", help="skip the benchmarks/photos evaluation")
     a = ap.parse_args()
 
     from rich.console import Console
@@ -84,8 +95,50 @@ def main() -> None:
     console.print(f"query latency: median {q['total']['median']:.1f} ms, p95 {q['total']['p95']:.1f} ms over "
                   f"{lite['queries']['n']} warm queries ({lite['queries']['crops_per_query']:.0f} crop each)")
     console.print(f"CLI start-up (`visearch --help`): median {startup * 1000:.0f} ms over 10 runs")
+    if not a.no_photos:
+        res["photos"] = photos_maps([m for m in a.photos_models.split(",") if m], a.photos_set, a.device, a.threads,
+                                    console)
     if a.json_path:
         Path(a.json_path).write_text(json.dumps(res, indent=1) + "\n")
+
+
+PHOTOS_MODELS = ("lite", "superglobal-r50", "superglobal-r101", "ames-dist", "ames-float")
+
+
+def photos_maps(models: list[str], set_dir: Path | None, device: str, threads: int, console) -> dict:
+    """Build and convert benchmarks/photos, then bench.run each model on it (extract + eval; per-query latency over
+    a few queries only). Returns bench.run's result, or {"skipped": reason} when the set's sources are missing."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "photos"))
+    import build as photos_build
+
+    from visearch import api, bench
+
+    with tempfile.TemporaryDirectory(prefix="visearch-photos-") as tmp:
+        try:
+            if set_dir is None:
+                set_dir = Path(tmp) / "set"
+                photos_build.build(set_dir)
+            else:
+                photos_build.check_sources()
+        except photos_build.SourceMissing as e:
+            console.print(f"benchmarks/photos skipped: {e}")
+            return {"skipped": str(e)}
+        data = Path(tmp) / "data"
+        api.convert(set_dir / "photos", "photos", data, ground_truth=set_dir / "gt.json")
+        res = bench.run("photos", models, data_dir=data, device=device, queries=4, warmup=1, sample=16,
+                        threads=threads)
+    console.print(f"benchmarks/photos: {res['dataset_info']['images']} database images, "
+                  f"{res['dataset_info']['queries']} queries; mAP (%) per model, revisitop protocol")
+    for name, r in res["models"].items():
+        if "skipped" in r:
+            console.print(f"  {name}: skipped ({r['skipped']})")
+            continue
+        for kind in ("global", "reranked"):
+            m = (r.get("map") or {}).get(kind)
+            if m:
+                console.print(f"  {name} [{kind}]: " + "  ".join(
+                    f"{p} {'-' if m[p] is None else format(m[p], '.2f')}" for p in ("easy", "medium", "hard")))
+    return res
 
 
 if __name__ == "__main__":

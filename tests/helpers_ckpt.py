@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visearch.models.resnet import CVNetResNet
+from visearch.models.nets.cvnet_resnet import CVNetResNet
 
 
 def _draw(rng: np.random.Generator, key: str, shape: tuple[int, ...]) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 
 from tests.helpers_ckpt import make_cvnet_checkpoint
 from visearch.models.ames_dinov2 import FILES as DINO_FILES
-from visearch.rerankers.ames import CHECKPOINTS, random_state
+from visearch.models.nets.ames_transformer import CHECKPOINTS, random_state
 
 SEEDS = {"r50": 0, "r101": 1, "detector": 2, "float": 3, "dist": 4, "dinov2": 5, "dinov2_detector": 6,
          "dinov2_float": 7, "dinov2_dist": 8}

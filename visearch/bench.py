@@ -33,6 +33,7 @@ import numpy as np
 
 from . import __version__
 from .errors import StoreError, UsageError, VisearchError
+from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
@@ -172,8 +173,8 @@ def _sample_ids(imlist: Sequence[str], n: int) -> list[str]:
 
 def _extract_throughput(describer, ds, sample: int, batch_size: int, warmup: int) -> dict[str, Any]:
     """Decode `sample` database images, warm the model up on `warmup` batches, then time describing all of them."""
-    from .api import plan_batches
     from .images import load_rgb
+    from .pipeline.extract import plan_batches
 
     ids = _sample_ids(ds.imlist, sample)
     arrays: dict[str, np.ndarray] = {}
@@ -245,15 +246,15 @@ def bench_model(dataset: str, model: str, *, data_dir: str | Path | None = None,
                 quiet: bool = True) -> dict[str, Any]:
     """All figures of one model on one dataset (one entry of `run()`'s "models")."""
     from . import api
-    from .dataset import load_dataset
+    from .data import load_dataset
     from .device import resolve_device
     from .registry import load_model
 
     if queries < 1:
         raise UsageError("--queries must be at least 1")
     dev = resolve_device(device)
-    ddir = api._data_dir(data_dir)
-    wdir = api._weights_dir(weights_dir)
+    ws = Workspace.resolve(data_dir, weights_dir, device)
+    ddir, wdir = ws.data_dir, ws.weights_dir
     ds = load_dataset(ddir, dataset)
     out: dict[str, Any] = {}
     with PeakMemory(dev) as mem:
@@ -348,9 +349,8 @@ def run(dataset: str, models: Sequence[str] = ("lite",), *, data_dir: str | Path
     A model that cannot be loaded (missing or bad weights, a model error, its code not installed) is reported as
     `{"skipped": reason}` and the others still run. Unknown model names raise UsageError before anything runs.
     `threads` sets torch's CPU threads (recorded in machine.torch_threads)."""
-    from . import api
     from .config import load_model_config
-    from .dataset import load_dataset
+    from .data import load_dataset
     from .device import resolve_device
 
     models = list(dict.fromkeys(m.strip() for m in models if m.strip()))
@@ -365,7 +365,7 @@ def run(dataset: str, models: Sequence[str] = ("lite",), *, data_dir: str | Path
         import torch
 
         torch.set_num_threads(threads)
-    ds = load_dataset(api._data_dir(data_dir), dataset)
+    ds = load_dataset(Workspace.resolve(data_dir).data_dir, dataset)
     result: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

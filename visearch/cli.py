@@ -4,6 +4,8 @@ Heavy libraries (torch, h5py, transformers) are imported inside the commands, so
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
@@ -15,7 +17,7 @@ from typing import List, Optional
 os.environ.setdefault("TYPER_USE_RICH", "0")
 import typer  # noqa: E402
 
-from .errors import UsageError, VisearchError  # noqa: E402
+from .errors import UsageError, VisearchError, first_line  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Instance-level visual search: convert, extract, detect, query, eval, bench.")
@@ -48,14 +50,42 @@ def _info(msg: str) -> None:
         sys.stderr.write(msg + "\n")
 
 
+QUIET_HELP = "No progress bars or notes on stderr."
+VERBOSE_HELP = "Log details to stderr."
+
+
+def _set_output(quiet: bool, verbose: bool) -> None:
+    state.quiet = state.quiet or quiet
+    if verbose:
+        logging.getLogger().setLevel(logging.INFO)
+
+
+def _output_flags(func):
+    """Let a command also take --quiet/--verbose after its name (`visearch extract shop --quiet`), as before it."""
+    sig = inspect.signature(func)
+    extra = [inspect.Parameter("late_quiet", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, "--quiet", "-q", help=QUIET_HELP)),
+             inspect.Parameter("late_verbose", inspect.Parameter.KEYWORD_ONLY, annotation=bool,
+                               default=typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP))]
+
+    @functools.wraps(func)
+    def wrapper(*args, late_quiet: bool = False, late_verbose: bool = False, **kwargs):
+        _set_output(late_quiet, late_verbose)
+        return func(*args, **kwargs)
+
+    wrapper.__signature__ = sig.replace(parameters=[*sig.parameters.values(), *extra])
+    wrapper.__annotations__ = {**func.__annotations__, "late_quiet": "bool", "late_verbose": "bool"}
+    return wrapper
+
+
 @app.callback()
 def _main(
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", envvar="VISEARCH_DATA_DIR",
                                             help="Where datasets and stores live [default: ./data]."),
     weights_dir: Optional[Path] = typer.Option(None, "--weights-dir", envvar="VISEARCH_WEIGHTS_DIR",
                                                help="Where weight files live [default: ./weights]."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or notes on stderr."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log details to stderr."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help=QUIET_HELP),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help=VERBOSE_HELP),
 ) -> None:
     state.data_dir, state.weights_dir, state.quiet = data_dir, weights_dir, quiet
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
@@ -64,6 +94,7 @@ def _main(
 
 # ---- convert --------------------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def convert(
     source: Path = typer.Argument(..., help="Folder of images (recursive), or a revisitop dataset folder."),
     name: str = typer.Option(..., "--name", "-n", help="Dataset name (folder under the data dir)."),
@@ -85,6 +116,7 @@ def convert(
 
 # ---- extract --------------------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def extract(
     dataset: str = typer.Argument(..., help="Dataset name (see `visearch convert`)."),
     model: str = typer.Option("lite", "--model", "-m", help="Model name (`visearch models`)."),
@@ -131,6 +163,7 @@ DEFAULT_PROMPT_HELP = ("Phrases always looked for besides --prompt (Grounding DI
 
 
 @app.command()
+@_output_flags
 def query(
     images: List[str] = typer.Argument(..., help="Query images, a .txt list of paths, or - for paths on stdin."),
     dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset to search."),
@@ -160,7 +193,7 @@ def query(
     if json_out and paths:
         raise UsageError("--json and --paths cannot be combined")
     stdin_lines = sys.stdin.read().splitlines() if "-" in images else None
-    qlist = api.read_query_list(images, stdin_lines)
+    qlist = _read_query_list(images, stdin_lines)
     if detector is None and (prompt or token_file or endpoint):
         detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
         _info(f"detector: {detector}")
@@ -199,6 +232,21 @@ def query(
         raise typer.Exit(1)
 
 
+def _read_query_list(args: List[str], stdin_lines: Optional[List[str]] = None) -> List[str]:
+    """Query arguments: image paths, `-` for stdin (one path per line), or a .txt/.lst file of paths."""
+    out: List[str] = []
+    for a in args:
+        if a == "-":
+            out += [ln.strip() for ln in (stdin_lines or []) if ln.strip()]
+        elif a.lower().endswith((".txt", ".lst")) and Path(a).is_file():
+            out += [ln.strip() for ln in Path(a).read_text(encoding="utf-8").splitlines() if ln.strip()]
+        else:
+            out.append(a)
+    if not out:
+        raise UsageError("no query images given", "pass image paths, a .txt list, or - to read paths from stdin")
+    return out
+
+
 def _print_query_table(res: dict) -> None:
     from rich.table import Table
 
@@ -221,8 +269,62 @@ def _print_query_table(res: dict) -> None:
         console.print(t)
 
 
+# ---- serve / ui -----------------------------------------------------------------------------------------------------
+def _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb,
+           open_browser: bool) -> None:
+    from .serve.server import serve as run_server
+    from .serve.service import ServeOptions
+
+    if max_upload_mb <= 0:
+        raise UsageError("--max-upload-mb must be positive")
+    opts = ServeOptions(datasets=dataset, models=model or ["lite"], detectors=detector or [], data_dir=state.data_dir,
+                        weights_dir=state.weights_dir, device=device, workers=workers, max_pending=max_pending,
+                        max_upload_bytes=int(max_upload_mb * 1024 * 1024))
+    run_server(opts, host=host, port=port, token_file=token_file, open_browser=open_browser, quiet=state.quiet)
+
+
+_SERVE_OPTIONS = dict(
+    dataset=typer.Option(..., "--dataset", "-d", help="Dataset to serve (repeat for more)."),
+    model=typer.Option(None, "--model", "-m", help="Model to serve (repeat for more) [default: lite]."),
+    host=typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback it needs --token-file."),
+    port=typer.Option(8421, "--port", help="TCP port."),
+    detector=typer.Option(None, "--detector", help="Detector to keep loaded (repeat; the first is the default with "
+                                                   "a prompt) [default: gdino if its weights are present, else tiles]."),
+    token_file=typer.Option(None, "--token-file", help="File holding the bearer token clients must send."),
+    device=typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    workers=typer.Option(1, "--workers", min=1, help="Queries run at once (1 = one model forward at a time)."),
+    max_pending=typer.Option(64, "--max-pending", min=1, help="Running + waiting queries before 503 busy."),
+    max_upload_mb=typer.Option(20.0, "--max-upload-mb", help="Largest upload in MB (larger: 413)."),
+)
+
+
+@app.command()
+def serve(
+    dataset: List[str] = _SERVE_OPTIONS["dataset"], model: Optional[List[str]] = _SERVE_OPTIONS["model"],
+    host: str = _SERVE_OPTIONS["host"], port: int = _SERVE_OPTIONS["port"],
+    detector: Optional[List[str]] = _SERVE_OPTIONS["detector"], token_file: Optional[Path] = _SERVE_OPTIONS["token_file"],
+    device: str = _SERVE_OPTIONS["device"], workers: int = _SERVE_OPTIONS["workers"],
+    max_pending: int = _SERVE_OPTIONS["max_pending"], max_upload_mb: float = _SERVE_OPTIONS["max_upload_mb"],
+) -> None:
+    """Serve the search page and JSON API with models kept in memory (Ctrl-C to stop)."""
+    _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb, False)
+
+
+@app.command()
+def ui(
+    dataset: List[str] = _SERVE_OPTIONS["dataset"], model: Optional[List[str]] = _SERVE_OPTIONS["model"],
+    host: str = _SERVE_OPTIONS["host"], port: int = _SERVE_OPTIONS["port"],
+    detector: Optional[List[str]] = _SERVE_OPTIONS["detector"], token_file: Optional[Path] = _SERVE_OPTIONS["token_file"],
+    device: str = _SERVE_OPTIONS["device"], workers: int = _SERVE_OPTIONS["workers"],
+    max_pending: int = _SERVE_OPTIONS["max_pending"], max_upload_mb: float = _SERVE_OPTIONS["max_upload_mb"],
+) -> None:
+    """`serve`, and open the page in a browser when one is available."""
+    _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb, True)
+
+
 # ---- eval -----------------------------------------------------------------------------------------------------------
 @app.command("eval")
+@_output_flags
 def eval_(
     dataset: str = typer.Argument(..., help="Dataset with ground truth."),
     model: str = typer.Option("lite", "--model", "-m"),
@@ -261,6 +363,7 @@ def eval_(
 
 # ---- detect ---------------------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def detect(
     image: Path = typer.Argument(..., help="Image to search for regions."),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="What to look for, e.g. 'clothes . bag'."),
@@ -306,6 +409,7 @@ def detect(
 
 # ---- models and weights ---------------------------------------------------------------------------------------------
 @app.command()
+@_output_flags
 def models() -> None:
     """List the model names."""
     from .config import load_model_config, model_names
@@ -317,6 +421,7 @@ def models() -> None:
 
 
 @weights_app.command("list")
+@_output_flags
 def weights_list() -> None:
     """Weight files each model needs, whether they are present, and where they come from."""
     from . import config, weights
@@ -330,6 +435,7 @@ def weights_list() -> None:
 
 
 @weights_app.command("download")
+@_output_flags
 def weights_download(names: List[str] = typer.Argument(..., help="Items or model names from `weights list`.")) -> None:
     """Download weight files (resumable, size/hash checked, written atomically)."""
     from . import config, progress, weights
@@ -349,6 +455,7 @@ def weights_download(names: List[str] = typer.Argument(..., help="Items or model
 
 
 @weights_app.command("verify")
+@_output_flags
 def weights_verify(all_items: bool = typer.Option(False, "--all", help="Also list missing items.")) -> None:
     """Check sizes, hashes and safe loadability of the weight files present."""
     from . import config, weights
@@ -380,6 +487,7 @@ def _write_json_result(obj: dict, dest: Optional[str]) -> None:
 
 
 @bench_app.callback(invoke_without_command=True)
+@_output_flags
 def bench(
     ctx: typer.Context,
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset to benchmark on (required)."),
@@ -412,7 +520,7 @@ def bench(
         try:
             old = json.loads(compare_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read {compare_path} as a bench JSON result ({str(e).splitlines()[0][:120]})",
+            raise UsageError(f"cannot read {compare_path} as a bench JSON result ({first_line(e, 120)})",
                              "pass a file written by `visearch bench --json FILE`") from None
     result = bench_mod.run(dataset, models_.split(","), data_dir=state.data_dir, weights_dir=state.weights_dir,
                            weights=weights, device=device, queries=queries, warmup=warmup, sample=sample,
@@ -431,6 +539,7 @@ def bench(
 
 
 @bench_app.command("scale")
+@_output_flags
 def bench_scale(
     sizes: str = typer.Option("10k,100k,1M", "--sizes", help="Numbers of stored descriptors, e.g. 10k,100k,1M."),
     dim: int = typer.Option(2048, "--dim", min=1, help="Descriptor dimension (float16)."),
@@ -469,8 +578,8 @@ def main() -> None:
     except Exception as e:  # an unexpected bug: still one line, with a way to see more
         if os.environ.get("VISEARCH_DEBUG"):
             raise
-        first = (str(e).strip().splitlines() or [""])[0][:300]
-        sys.stderr.write(f"error: unexpected {type(e).__name__}: {first} (set VISEARCH_DEBUG=1 for a traceback)\n")
+        sys.stderr.write(f"error: unexpected {type(e).__name__}: {first_line(e, 300)} "
+                         "(set VISEARCH_DEBUG=1 for a traceback)\n")
         sys.exit(1)
 
 

@@ -48,3 +48,10 @@ class DetectorError(VisearchError):
 
 class DeviceError(VisearchError):
     """A device was requested that this machine does not have."""
+
+
+def first_line(e: BaseException, limit: int = 160) -> str:
+    """The first line of an exception's message (its type name when it has none), at most `limit` characters:
+    what goes inside our one-line error messages."""
+    s = str(e).strip()
+    return (s.splitlines()[0] if s else type(e).__name__)[:limit]

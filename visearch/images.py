@@ -19,7 +19,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .errors import ImageError
+from .errors import ImageError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _open_pil(src: str | os.PathLike | IO[bytes], name: str) -> Image.Image:
         m = re.search(r"\((\d+) pixels\)", str(e))
         limit = Image.MAX_IMAGE_PIXELS or 0
         what = (f"{int(m.group(1)) / 1e6:.0f} Mpixels, above the decompression-bomb limit of "
-                f"{limit / 1e6:.0f} Mpixels" if m else _first_line(e))
+                f"{limit / 1e6:.0f} Mpixels" if m else first_line(e))
         raise ImageError(f"{name}: image too large to decode safely ({what})",
                          "downscale it first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except UnidentifiedImageError:
@@ -116,15 +116,10 @@ def _open_pil(src: str | os.PathLike | IO[bytes], name: str) -> Image.Image:
     except OSError as e:
         raise ImageError(f"{name}: cannot read file ({e.strerror or e})", "check the file and its permissions") from None
     except Exception as e:  # noqa: BLE001 - Pillow plugins raise SyntaxError, struct.error, ... on garbage
-        raise ImageError(f"{name}: corrupt image header ({type(e).__name__}: {_first_line(e)})",
+        raise ImageError(f"{name}: corrupt image header ({type(e).__name__}: {first_line(e)})",
                          "re-export or re-download the image") from None
     _check_bomb(img, name)
     return img
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip()
-    return (s.splitlines()[0] if s else type(e).__name__)[:160]
 
 
 def _decode(img: Image.Image, name: str, allow_truncated: bool) -> None:
@@ -141,7 +136,7 @@ def _decode(img: Image.Image, name: str, allow_truncated: bool) -> None:
         else:
             img.load()
     except OSError as e:
-        msg = _first_line(e)
+        msg = first_line(e)
         if "truncated" in msg or "broken data stream" in msg or "premature end" in msg.lower():
             raise ImageError(f"{name}: truncated image data ({msg})",
                              "the file is incomplete; copy or download it again") from None
@@ -149,7 +144,7 @@ def _decode(img: Image.Image, name: str, allow_truncated: bool) -> None:
     except MemoryError:
         raise ImageError(f"{name}: not enough memory to decode the image", "downscale it first") from None
     except Exception as e:  # noqa: BLE001
-        raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {_first_line(e)})",
+        raise ImageError(f"{name}: cannot decode image ({type(e).__name__}: {first_line(e)})",
                          "re-export or re-download the image") from None
 
 
@@ -214,7 +209,7 @@ def _pil_to_rgb(img: Image.Image, name: str) -> np.ndarray:
     except ImageError:
         raise
     except Exception as e:  # noqa: BLE001
-        raise ImageError(f"{name}: cannot convert image mode {mode} to RGB ({_first_line(e)})",
+        raise ImageError(f"{name}: cannot convert image mode {mode} to RGB ({first_line(e)})",
                          "re-export the image as 8-bit RGB") from None
 
 
@@ -308,7 +303,7 @@ def _exif_transpose(img: Image.Image, name: str) -> Image.Image:
         out = ImageOps.exif_transpose(img)
         return img if out is None else out
     except Exception as e:  # noqa: BLE001
-        log.warning("%s: ignoring unreadable EXIF orientation (%s)", name, _first_line(e))
+        log.warning("%s: ignoring unreadable EXIF orientation (%s)", name, first_line(e))
         return img
 
 
@@ -398,7 +393,7 @@ class ImageFileDataset:
         except ImageError as e:
             return i, str(e)
         except Exception as e:  # noqa: BLE001 - never let a worker die on one file
-            return i, f"{self.paths[i]}: unexpected error ({type(e).__name__}: {_first_line(e)})"
+            return i, f"{self.paths[i]}: unexpected error ({type(e).__name__}: {first_line(e)})"
 
 
 def collate_list(batch: list[Any]) -> list[Any]:

@@ -46,6 +46,49 @@ def _max_open_files() -> int:
     return max(64, (soft if soft != resource.RLIM_INFINITY else 1 << 20) // 2)
 
 
+# Writer locks held by this process (fd numbers). A flock lock belongs to the open file, which a fork shares with the
+# child: a forked decoder worker orphaned by a SIGKILL would keep the store locked. Every forked child therefore points
+# these fds at /dev/null first thing (os.register_at_fork), so the lock lives and dies with the process that took it.
+_HELD_LOCKS: set[int] = set()
+
+
+def _drop_locks_in_child() -> None:
+    if not _HELD_LOCKS:
+        return
+    null = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for fd in _HELD_LOCKS:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd, inheritable=False)  # drops this process's reference to the lock; fd stays valid
+    finally:
+        os.close(null)
+    _HELD_LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_drop_locks_in_child)
+
+
+def _take_lock(path: Path, hint: str) -> int:
+    """Exclusive writer lock on `path/.lock` (an fd opened close-on-exec, dropped by forked children); StoreError
+    when another process holds it."""
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise StoreError(f"another process is writing to {path}", hint) from None
+    _HELD_LOCKS.add(fd)
+    return fd
+
+
+def _release_lock(fd: int) -> None:
+    _HELD_LOCKS.discard(fd)
+    with contextlib.suppress(OSError):
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    os.close(fd)
+
+
 def store_path(data_dir: str | Path, dataset: str, model: str) -> Path:
     return Path(data_dir) / dataset / "features" / model
 
@@ -58,11 +101,8 @@ def remove_store(path: str | Path) -> None:
     path = Path(path)
     if not path.is_dir():
         return
-    with open(path / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(f"another process is writing to {path}", "wait for it to finish, then rebuild") from None
+    lock = _take_lock(path, "wait for it to finish, then rebuild")
+    try:
         (path / MANIFEST).unlink(missing_ok=True)  # first: from now on readers see no store, not missing shards
         for p in path.iterdir():
             if p.name == ".lock":
@@ -71,6 +111,8 @@ def remove_store(path: str | Path) -> None:
                 shutil.rmtree(p)
             else:
                 p.unlink(missing_ok=True)
+    finally:
+        _release_lock(lock)
 
 
 def _decode(values: np.ndarray) -> list[str]:
@@ -378,12 +420,7 @@ class StoreWriter:
     def __init__(self, store: Store):
         self.store = store
         self.path = store.path
-        self._lock = open(self.path / ".lock", "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise StoreError(f"another process is writing to {self.path}", "wait for it to finish") from None
+        self._lock: int | None = _take_lock(self.path, "wait for it to finish")
         # another writer may have committed since `store` was opened: work from the current manifest, or its shards
         # would be dropped from ours and deleted as leftovers
         try:
@@ -401,8 +438,9 @@ class StoreWriter:
                 p.unlink(missing_ok=True)
 
     def close(self) -> None:
-        fcntl.flock(self._lock, fcntl.LOCK_UN)
-        self._lock.close()
+        if self._lock is not None:
+            _release_lock(self._lock)
+            self._lock = None
 
     def __enter__(self) -> "StoreWriter":
         return self

@@ -1,10 +1,9 @@
-"""Weight files: safe loading, the manifest (weights/manifest.toml), status, downloads and verification.
+"""Weight files: safe loading, the manifest (visearch/weights_manifest.toml), status, downloads and verification.
 
 Only the standard library is imported at module level so that `visearch weights list` stays instant;
 requests / gdown / huggingface_hub / torch / numpy are imported where they are used."""
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -15,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .errors import UsageError, WeightsError
+from .errors import UsageError, WeightsError, first_line
+from .fsutil import sha256_file
 
 
 def safe_torch_load(path: str | Path) -> Any:
@@ -33,12 +33,11 @@ def safe_torch_load(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsupported pickle content"
-        raise WeightsError(f"refusing to load {path}: it holds objects other than tensors ({first[:160]})",
+        first = first_line(e) if str(e).strip() else "unsupported pickle content"
+        raise WeightsError(f"refusing to load {path}: it holds objects other than tensors ({first})",
                            "only plain checkpoints (tensors, dicts, numbers) are accepted") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise WeightsError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({msg[:160]})",
+        raise WeightsError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({first_line(e)})",
                            "download it again and check it with `visearch weights verify`") from None
 
 
@@ -51,8 +50,7 @@ log = logging.getLogger(__name__)
 MIRROR_ENV = "VISEARCH_WEIGHTS_MIRROR"      # base URL serving every file item as <base>/<file>
 HF_ENDPOINT_ENV = "VISEARCH_HF_ENDPOINT"    # Hugging Face hub endpoint for the hf-folder items
 MANIFEST_ENV = "VISEARCH_WEIGHTS_MANIFEST"  # another manifest file (tests, private deployments)
-_REPO_MANIFEST = Path(__file__).resolve().parent.parent / "weights" / "manifest.toml"
-_PACKAGED_MANIFEST = Path(__file__).resolve().parent / "weights_manifest.toml"
+_PACKAGED_MANIFEST = "weights_manifest.toml"  # package data of `visearch`, read through importlib.resources
 _CHUNK = 1 << 20
 _TIMEOUT = (10.0, 60.0)  # (connect, read) seconds for HTTP
 
@@ -117,23 +115,26 @@ def _mirror_url(base: str, file: str) -> str:
     return f"{base.rstrip('/')}/{file}"
 
 
-def manifest_path() -> Path:
-    """The manifest in use: $VISEARCH_WEIGHTS_MANIFEST, else weights/manifest.toml of the source tree, else the
-    copy packaged as visearch/weights_manifest.toml."""
+def manifest_path():
+    """The manifest in use: $VISEARCH_WEIGHTS_MANIFEST, else the copy packaged as visearch/weights_manifest.toml
+    (a Path or an importlib.resources Traversable)."""
     env = os.environ.get(MANIFEST_ENV)
     if env:
         return Path(env)
-    return _REPO_MANIFEST if _REPO_MANIFEST.is_file() else _PACKAGED_MANIFEST
+    from importlib import resources
+
+    return resources.files(__package__).joinpath(_PACKAGED_MANIFEST)
 
 
 def _read_manifest() -> dict[str, Any]:
     path = manifest_path()
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise WeightsError(f"weights manifest not found: {path}", f"set {MANIFEST_ENV} or reinstall visearch") from None
-    except tomllib.TOMLDecodeError as e:
+    except OSError as e:
+        raise WeightsError(f"cannot read weights manifest {path}: {e.strerror or type(e).__name__}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise WeightsError(f"weights manifest {path} is not valid TOML ({e})") from None
 
 
@@ -219,21 +220,13 @@ def status(weights_dir: str | Path) -> list[WeightStatus]:
     return out
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_CHUNK), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _check_file(spec: WeightSpec, path: Path) -> str | None:
     """None when `path` matches the known size and hash, else what is wrong (one line)."""
     size = path.stat().st_size
     if spec.size is not None and size != spec.size:
         return f"size {size} bytes, expected {spec.size}"
     if spec.sha256 is not None:
-        digest = _sha256(path)
+        digest = sha256_file(path)
         if digest != spec.sha256:
             return f"sha256 {digest}, expected {spec.sha256}"
     return None
@@ -541,4 +534,4 @@ def verify(weights_dir: str | Path, names: list[str] | None = None, *,
 
 def sha256_of(path: str | Path) -> str:
     """SHA-256 of a file (hex), e.g. to fill in the manifest after checking a download by hand."""
-    return _sha256(Path(path))
+    return sha256_file(Path(path))

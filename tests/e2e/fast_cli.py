@@ -43,20 +43,16 @@ def popen(*args, data=None, env=None) -> subprocess.Popen:
 
 
 def install() -> None:
-    """Wrap load_model_config where it is looked up (config, and the modules that imported the name)."""
-    from visearch import api, config, registry
+    """Shrink lite's [describe] settings through the config hook (every load_model_config call sees it)."""
+    from visearch import config
 
-    original = config.load_model_config
+    def fast(cfg):
+        if cfg.get("family") != "lite":
+            return cfg
+        side = int(os.environ.get("VISEARCH_TEST_MAX_SIDE", FAST_DESCRIBE["max_side"]))
+        return config.merge(cfg, {"describe": dict(FAST_DESCRIBE, max_side=side)})
 
-    def load_model_config(name, overrides=None):
-        cfg = original(name, overrides)
-        if cfg.get("family") == "lite":
-            side = int(os.environ.get("VISEARCH_TEST_MAX_SIDE", FAST_DESCRIBE["max_side"]))
-            cfg = config.merge(cfg, {"describe": dict(FAST_DESCRIBE, max_side=side)})
-        return cfg
-
-    for mod in (config, registry, api):
-        mod.load_model_config = load_model_config
+    config.add_hook(fast)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ from PIL import Image
 
 from tests.e2e.fast_cli import COMMAND, cli, cli_env
 from tests.photos import photo_array, write_bad_corpus, write_photos
-from visearch.dataset import load_dataset
+from visearch.data import load_dataset
 from visearch.store import Store
 
 SKIPPED = {  # case -> words the skip reason must hold

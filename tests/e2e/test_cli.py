@@ -45,6 +45,24 @@ def test_table_output_and_quiet(collection):
     assert p.stderr == ""
 
 
+def test_quiet_and_verbose_after_the_command(collection, tmp_path):
+    """`visearch extract shop --quiet` (the flag after the command, as the docs show it) silences the progress bar."""
+    photos = tmp_path / "two"
+    photos.mkdir()
+    for name in ("chelsea", "coffee"):
+        (photos / f"{name}.jpg").write_bytes(collection["sources"][name].read_bytes())
+    data = tmp_path / "data"
+    p = run("convert", photos, "--name", "two", "--quiet", data_dir=data)
+    assert p.stderr == "" and "2 database images" in p.stdout
+    p = run("extract", "two", "--device", "cpu", "--quiet", "--json", data_dir=data)
+    assert p.stderr == "" and json.loads(p.stdout)["added"] == 2
+    p = run("extract", "two", "--device", "cpu", "--rebuild", "-v", data_dir=data)  # progress bar without --quiet
+    assert "2 added" in p.stdout and "img/s" in p.stderr
+    p = run("query", collection["queries"]["coffee-small"], "--dataset", "two", "-q", "--top-k", "1", "--paths",
+            data_dir=data)
+    assert p.stderr == "" and p.stdout.strip().endswith("coffee.jpg")
+
+
 def test_same_file_name_in_two_folders_gets_two_ids(collection):
     p = run("query", collection["queries"]["chelsea-small"], "--dataset", "shop", "--json", "--top-k", "8",
             data_dir=collection["data"])

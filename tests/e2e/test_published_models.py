@@ -92,7 +92,7 @@ def sg(tmp_path_factory, weights_dir) -> dict:
 
 
 def test_superglobal_extract_store(sg, weights_dir):
-    from visearch.models.base import sha256_file
+    from visearch.fsutil import sha256_file
     from visearch.store import Store
 
     rep = sg["extract"]

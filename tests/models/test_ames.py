@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from visearch.errors import WeightsError
-from visearch.rerankers.ames import random_state
+from visearch.models.nets.ames_transformer import random_state
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from helpers_ckpt import make_cvnet_checkpoint  # noqa: E402
@@ -128,7 +128,7 @@ def test_extract_fields_and_one_pass(describer, small_rgb: np.ndarray) -> None:
 def test_float_variant_fields(describer, weights_dir: Path, small_rgb: np.ndarray) -> None:
     import dataclasses
 
-    from visearch.rerankers.ames import AMES
+    from visearch.models.nets.ames_transformer import AMES
 
     ames = AMES.from_checkpoint(weights_dir / "r101_cvnet_ames.pt", "float")
     d = dataclasses.replace(describer, ames=ames)

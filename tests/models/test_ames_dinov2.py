@@ -39,12 +39,13 @@ from tests.dinov2_inputs import (  # noqa: E402
 from tests.published_weights import detector_state  # noqa: E402
 from tests.unit.test_rerank_ames import _away_from_edges  # noqa: E402
 from visearch.errors import WeightsError  # noqa: E402
-from visearch.rerankers.ames import AMES, random_state, rerank  # noqa: E402
+from visearch.models.nets.ames_transformer import AMES, random_state  # noqa: E402
+from visearch.rerankers.ames import rerank  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 B, LQ, LD, DIM = 8, 40, 24, 768
 VALID = [(LQ, LD), (1, LD), (LQ, 2), (3, 1), (17, 9), (29, 24), (2, 3), (40, 13)]
-LAM_GAMMA = {"float": (0.50, 0.20), "dist": (0.35, 0.10)}  # configs/models/ames-dinov2*.toml
+LAM_GAMMA = {"float": (0.50, 0.20), "dist": (0.35, 0.10)}  # visearch/config/models/ames-dinov2*.toml
 
 
 # ---- inputs shared with the golden script ---------------------------------------------------------------------------

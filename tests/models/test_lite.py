@@ -96,7 +96,7 @@ def test_rescaled_and_cropped_copies_retrieve_their_source(model, db):
 
 
 def test_weights_sha256_is_the_file_hash(model, weights_path):
-    from visearch.models.base import sha256_file
+    from visearch.fsutil import sha256_file
 
     assert model.weights_sha256 == sha256_file(weights_path)
     assert lite.cached_sha256(weights_path) == model.weights_sha256
@@ -129,3 +129,29 @@ def test_not_a_checkpoint_is_a_weights_error(tmp_path):
     path.write_bytes(b"not a torch file at all")
     with pytest.raises(WeightsError):
         lite.build({"describe": {}}, path, tmp_path, torch.device("cpu"))
+
+
+def test_resize_policy_native_capped_never_upscaled(weights_path):
+    """[describe] upscale = false: each image at its own long side capped at max_side (times each scale), so a small
+    crop is never enlarged and a large photo is shrunk; upscale = true resizes every image to max_side."""
+    assert lite.base_long_side(100, 80, 640, upscale=False) == 100
+    assert lite.base_long_side(1000, 800, 640, upscale=False) == 640
+    assert lite.base_long_side(100, 80, 640, upscale=False, min_side=224) == 224
+    assert lite.base_long_side(100, 80, 320, upscale=True) == 320
+    seen: list[tuple[int, int]] = []
+
+    def run(describe: dict, images: list[np.ndarray]) -> list[tuple[int, int]]:
+        m = lite.build({"describe": describe}, weights_path, weights_path.parent, torch.device("cpu"))
+        features = m.net.features
+        m.net.features = lambda x: (seen.append(tuple(x.shape[-2:])), features(x))[1]
+        seen.clear()
+        m.extract(images)
+        return list(seen)
+
+    small, large = np.zeros((60, 90, 3), np.uint8), np.zeros((800, 1000, 3), np.uint8)
+    native = {"scales": [0.5, 1.0], "max_side": 640, "upscale": False}
+    assert run(native, [small, large]) == [(30, 45), (60, 90), (256, 320), (512, 640)]
+    assert run(dict(native, upscale=True), [small]) == [(213, 320), (427, 640)]
+    with pytest.raises(Exception, match="min_side"):
+        lite.build({"describe": {"max_side": 320, "min_side": 400}}, weights_path, weights_path.parent,
+                   torch.device("cpu"))

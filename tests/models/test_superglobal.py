@@ -20,7 +20,7 @@ import torch
 
 from tests.helpers_ckpt import cvnet_state, make_cvnet_checkpoint
 from visearch.errors import WeightsError
-from visearch.models.resnet import CVNetResNet, load_cvnet_state
+from visearch.models.nets.cvnet_resnet import CVNetResNet, load_cvnet_state
 from visearch.models.superglobal import build, min_image_side
 
 DATA = Path(__file__).resolve().parent.parent / "data"

@@ -23,7 +23,7 @@ from tests.photos import (
     write_exif_rotated_jpeg,
     write_photos,
 )
-from visearch.dataset import (
+from visearch.data import (
     ConvertReport,
     Dataset,
     convert,

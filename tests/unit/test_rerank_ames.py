@@ -17,16 +17,8 @@ import pytest
 import torch
 
 from visearch.errors import WeightsError
-from visearch.rerankers.ames import (
-    AMES,
-    PACKED_BYTES,
-    AMESReranker,
-    combined_scores,
-    pack_signs,
-    random_state,
-    rerank,
-    unpack_signs,
-)
+from visearch.models.nets.ames_transformer import AMES, PACKED_BYTES, pack_signs, random_state, unpack_signs
+from visearch.rerankers.ames import AMESReranker, combined_scores, rerank
 from visearch.rerankers.base import Shortlist
 
 DATA = Path(__file__).resolve().parent.parent / "data"

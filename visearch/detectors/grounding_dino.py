@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import DetectorError, UsageError, WeightsError
+from ..errors import DetectorError, UsageError, WeightsError, first_line
 from .base import DEFAULT_PROMPT, Box, Detector, check_image, check_options, normalize_prompt
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ class GroundingDinoDetector(Detector):
             self.processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
             self.model = AutoModelForZeroShotObjectDetection.from_pretrained(folder, local_files_only=True)
         except Exception as e:  # noqa: BLE001 - safetensors, json, torch and HF errors all mean "bad folder"
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            first = first_line(e, 200)
             raise WeightsError(f"cannot load Grounding DINO from {folder}: {first}",
                                f"download it again: `visearch weights download {folder.name}`") from None
         finally:
@@ -129,7 +129,7 @@ class GroundingDinoDetector(Detector):
             with torch.inference_mode():
                 outputs = self.model(**inputs)
         except RuntimeError as e:
-            first = (str(e).strip().splitlines() or ["RuntimeError"])[0][:200]
+            first = first_line(e, 200)
             raise DetectorError(f"Grounding DINO forward failed: {first}") from None
         results = self._post_process(outputs, inputs["input_ids"], sizes)
         out: list[list[Box]] = []

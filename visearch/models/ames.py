@@ -21,19 +21,18 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from ..errors import ModelError, WeightsError
-from ..rerankers.ames import CHECKPOINTS, ITQ_BITS, MODEL_DIM, PACKED_BYTES, load_ames
-from .base import Describer, Features, LocalField, sha256_file
-from .resnet import CVNetResNet, load_cvnet_state
+from ..fsutil import sha256_file
+from .base import Describer, Features, LocalField
+from .nets.ames_detector import load_detector
+from .nets.ames_transformer import CHECKPOINTS, ITQ_BITS, LOCAL_DIM, MODEL_DIM, PACKED_BYTES, load_ames
+from .nets.cvnet_resnet import CVNetResNet, load_cvnet_state
 from .superglobal import DEFAULT_DESCRIBE as SG_DEFAULTS
 from .superglobal import MEAN_BGR, STD_BGR, SuperGlobal
 
 log = logging.getLogger(__name__)
 
-LOCAL_DIM = 1024
 # Geometry of the s3 map (CVNet / AMES reference): stride 16, receptive field 291, padding 145. A position's centre
 # is the middle of its receptive-field box, i.e. 16 * index / scale.
 STRIDE = 16.0
@@ -43,49 +42,6 @@ RF = 291.0
 FILES = {"backbone": "CVPR2022_CVNet_R101.pyth", "detector": "cvnet_detector.pt",
          "itq": "itq_r101_cvnet_D128.npz", **{f"ames_{k}": v for k, v in CHECKPOINTS.items()}}
 DEFAULT_LOCAL: dict[str, Any] = {"scales": [0.7071, 1.0, 1.4142], "topk": 700, "max_side": 0}
-
-
-class Detector(nn.Module):
-    """AMES's CVNet local-feature detector (keys conv1.*, bn.*, conv2.*): 1x1 conv -> BN -> ReLU -> 1x1 conv ->
-    Softplus. Returns the descriptors normalize(BN(conv1(x))) `[B, C, h, w]` and weights `[B, 1, h, w]`."""
-
-    def __init__(self, channels: int = LOCAL_DIM):
-        super().__init__()
-        self.conv1 = nn.Conv2d(channels, channels, 1)
-        self.bn = nn.BatchNorm2d(channels, eps=1e-5)
-        self.conv2 = nn.Conv2d(channels, 1, 1)
-        self.eval()
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.bn(self.conv1(x))
-        desc = F.normalize(x, p=2, dim=1, eps=1e-15)
-        return desc, F.softplus(self.conv2(F.relu(x)), beta=1, threshold=20)
-
-
-def load_detector(path: Path, channels: int = LOCAL_DIM) -> Detector:
-    """An AMES detector checkpoint (dict key `state`) loaded strictly: cvnet_detector.pt (channels 1024) or
-    dinov2_detector.pt (768); WeightsError naming the file otherwise."""
-    from ..weights import safe_torch_load
-
-    kind = {1024: "CVNet", 768: "DINOv2"}.get(channels, f"{channels}-d")
-    expect = {1024: "cvnet_detector.pt", 768: "dinov2_detector.pt"}.get(channels, "the detector")
-    obj = safe_torch_load(path)
-    state = obj.get("state") if isinstance(obj, dict) else None
-    det = Detector(channels)
-    if not isinstance(state, dict):
-        raise WeightsError(f"{path} is not an AMES detector checkpoint (no `state` dict)",
-                           f"expected {expect} from the AMES release")
-    expected = det.state_dict()
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise WeightsError(f"{path} does not match the AMES {kind} detector (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})", f"expected {expect} from the AMES release")
-    for k, v in expected.items():
-        if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(v.shape):
-            raise WeightsError(f"{path}: {k} has shape {tuple(getattr(state[k], 'shape', ()))}, expected "
-                               f"{tuple(v.shape)}", f"this detector is not for {kind}'s {channels}-d features")
-    det.load_state_dict(state, strict=True)
-    return det
 
 
 def resize_bgr(bgr: np.ndarray, s: float) -> np.ndarray:

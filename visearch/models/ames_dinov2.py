@@ -27,10 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UsageError, WeightsError
-from ..rerankers.ames import MODEL_DIM, PACKED_BYTES, load_ames
-from .ames import AMESDescriber, load_detector
-from .base import Features, LocalField, sha256_file
+from ..fsutil import sha256_file
+from .ames import AMESDescriber
+from .base import Features, LocalField
 from .dinov2 import DIM, PATCH, DinoV2Backbone, as_bgr, backbone_path
+from .nets.ames_detector import load_detector
+from .nets.ames_transformer import MODEL_DIM, PACKED_BYTES, load_ames
 from .nets.vit_dinov2 import load_dinov2
 
 FILES = {"backbone": "dinov2_vitb14_reg4_pretrain.pth", "detector": "dinov2_detector.pt",
@@ -158,7 +160,7 @@ def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, devic
     sg = None
     parts = []
     if describe["global"] == "superglobal":
-        from .resnet import CVNetResNet, load_cvnet_state
+        from .nets.cvnet_resnet import CVNetResNet, load_cvnet_state
 
         if int(describe["depth"]) != 101 or not describe["relup"]:
             raise UsageError(f"{name}: the SuperGlobal shortlist is R101 with ReLU+",

@@ -5,7 +5,6 @@ own colour order, normalisation and resizing so that it matches its reference im
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence, Union
@@ -61,10 +60,3 @@ class Describer:
             return np.zeros((0, self.dim), np.float32)
         return self.extract(arrays).global_
 
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError, UsageError, WeightsError
-from .base import Describer, Features, sha256_file
+from ..fsutil import sha256_file
+from .base import Describer, Features
 from .nets.vit_dinov2 import FILE, PATCH, load_dinov2
 
 log = logging.getLogger(__name__)

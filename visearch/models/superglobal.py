@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import ModelError, WeightsError
 from .base import Describer, Features
-from .resnet import CVNetResNet, load_cvnet_state
+from .nets.cvnet_resnet import CVNetResNet, load_cvnet_state
 
 log = logging.getLogger(__name__)
 

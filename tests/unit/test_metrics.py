@@ -1,4 +1,4 @@
-"""visearch.evaluate: hand-computed revisitop mAP / mP@k cases and a golden comparison with the reference code.
+"""visearch.metrics: hand-computed revisitop mAP / mP@k cases and a golden comparison with the reference code.
 
 tests/data/revisitop_golden.npz was produced by running filipradenovic/revisitop python/evaluate.py (with
 `np.in1d = np.isin`, since NumPy 2.4 removed in1d) OUTSIDE this repository on seeded random ranks and ground truth
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from visearch.errors import UsageError
-from visearch.evaluate import compute_map, evaluate_protocols, protocol_gnd
+from visearch.metrics import compute_map, evaluate_protocols, protocol_gnd
 
 GOLDEN = Path(__file__).resolve().parents[1] / "data" / "revisitop_golden.npz"
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import WeightsError
+from ...errors import WeightsError
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,8 @@ def load_cvnet_state(model: CVNetResNet, path: str | Path, require_head: bool = 
 
     Every tensor the backbone needs (BN `num_batches_tracked` excepted) must be present with the right shape;
     `require_head=False` lets a local-feature user skip `head.*`. Raises WeightsError naming the file otherwise."""
-    from ..weights import safe_torch_load
-    from .base import sha256_file
+    from ...fsutil import sha256_file
+    from ...weights import safe_torch_load
 
     path = Path(path)
     state = extract_backbone_state(safe_torch_load(path), path)

@@ -1,19 +1,30 @@
-"""Named model configurations, kept as data in configs/models/<name>.toml.
+"""Named model configurations, shipped as package data in visearch/config/models/<name>.toml.
 
 A config file holds `family` (which code builds it), optional `alias_of`, and tables such as `[describe]`,
 `[search]` and `[rerank]`. Overrides merge onto the file's values; unknown names raise with the list of known ones.
+The files are found through importlib.resources, so a wheel install reads the same files as a source checkout.
 """
 from __future__ import annotations
 
 import copy
 import os
 import tomllib
+from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
+from ..errors import UsageError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# A function applied to every resolved config (after overrides), in registration order; tests use it to shrink a
+# model's input size in a subprocess without patching the modules that imported load_model_config.
+ConfigHook = Callable[[dict[str, Any]], dict[str, Any]]
+_HOOKS: list[ConfigHook] = []
+
+
+def models_dir():
+    """The packaged folder of model configs (an importlib.resources Traversable)."""
+    return resources.files(__package__).joinpath("models")
 
 
 def default_data_dir() -> Path:
@@ -25,15 +36,14 @@ def default_weights_dir() -> Path:
 
 
 def model_names() -> list[str]:
-    return sorted(p.stem for p in (CONFIG_DIR / "models").glob("*.toml"))
+    return sorted(p.name[:-len(".toml")] for p in models_dir().iterdir() if p.name.endswith(".toml"))
 
 
 def _read(name: str) -> dict[str, Any]:
-    path = CONFIG_DIR / "models" / f"{name}.toml"
-    if not path.is_file():
+    item = models_dir().joinpath(f"{name}.toml")
+    if "/" in name or "\\" in name or name.startswith(".") or not item.is_file():
         raise UsageError(f"unknown model {name!r}", f"known models: {', '.join(model_names())}")
-    with open(path, "rb") as f:
-        return tomllib.load(f)
+    return tomllib.loads(item.read_text(encoding="utf-8"))
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -45,6 +55,11 @@ def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def add_hook(hook: ConfigHook) -> None:
+    """Apply `hook(config) -> config` to every config load_model_config returns from now on (this process)."""
+    _HOOKS.append(hook)
 
 
 def load_model_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -59,4 +74,6 @@ def load_model_config(name: str, overrides: dict[str, Any] | None = None) -> dic
         cfg = _read(name)
     cfg = merge(cfg, overrides or {})
     cfg["name"] = name
+    for hook in _HOOKS:
+        cfg = hook(cfg)
     return cfg

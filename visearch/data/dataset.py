@@ -1,0 +1,142 @@
+"""The dataset model: a revisitop-layout folder and its id -> original-file map, and how it is loaded.
+
+Layout of `<data_dir>/<name>/`:
+    jpg/<id>.jpg        every database and query image (JPEG)
+    gnd_<name>.pkl      {"imlist": [ids], "qimlist": [query ids], "gnd": [{"bbx", "easy", "hard", "junk"}]}
+                        exactly as filipradenovic/revisitop reads it (indices 0-based into imlist); see revisitop.py
+    sources.json        id -> original file (path, size, mtime, sha256) for results and change detection, plus the
+                        ground truth by id so re-runs can rebuild gnd when images come and go
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import DatasetError
+from ..fsutil import atomic_write
+from .revisitop import read_gnd, validate_gnd
+
+SOURCES_FILE = "sources.json"
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where an image came from and what it looked like then (for change detection)."""
+
+    path: str  # absolute original path
+    size: int
+    mtime_ns: int
+    sha256: str | None = None  # None for linked revisitop images (not hashed)
+    rel: str | None = None  # path relative to the source folder, POSIX separators
+
+
+@dataclass
+class Dataset:
+    """A revisitop-layout dataset. `gnd[i]` has "bbx" (list of 4 floats or absent) and "easy"/"hard"/"junk" (lists
+    of int indices into imlist). `sources` maps id -> original path (str); `source_info` has size/mtime/sha."""
+
+    name: str
+    root: Path
+    imlist: list[str]
+    qimlist: list[str]
+    gnd: list[dict[str, Any]]
+    sources: dict[str, str] = field(default_factory=dict)
+    source_info: dict[str, Source] = field(default_factory=dict)
+    origin: str = "folder"  # "folder" (converted by us) or "revisitop" (official layout, images used as is)
+    apply_exif: bool = True  # the revisitop reference loader ignores EXIF and accepts truncated JPEGs
+    allow_truncated: bool = False
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "jpg"
+
+    @property
+    def gnd_path(self) -> Path:
+        return self.root / f"gnd_{self.name}.pkl"
+
+    def __len__(self) -> int:
+        return len(self.imlist)
+
+    def image_path(self, image: str | int) -> Path:
+        """Path of a database image by id (or by index into imlist)."""
+        iid = self.imlist[image] if isinstance(image, (int, np.integer)) else image
+        return self.images_dir / f"{iid}.jpg"
+
+    def query_path(self, i: int) -> Path:
+        """Path of the i-th query image (uncropped; crop with images.crop_box(img, gnd[i]["bbx"]))."""
+        return self.images_dir / f"{self.qimlist[i]}.jpg"
+
+    def source_path(self, image_id: str) -> str:
+        """The user's original file for an id (falls back to the dataset copy)."""
+        return self.sources.get(image_id) or str(self.images_dir / f"{image_id}.jpg")
+
+    @property
+    def has_ground_truth(self) -> bool:
+        return len(self.qimlist) > 0
+
+    def load_options(self) -> dict[str, bool]:
+        """Keyword arguments for images.load_rgb / ImageFileDataset that match how this dataset is meant to be read."""
+        return {"apply_exif": self.apply_exif, "allow_truncated": self.allow_truncated}
+
+
+def list_datasets(data_dir: str | Path) -> list[str]:
+    """Names of the datasets (folders holding gnd_<name>.pkl) in data_dir."""
+    d = Path(data_dir)
+    if not d.is_dir():
+        return []
+    return sorted(p.name for p in d.iterdir() if p.is_dir() and (p / f"gnd_{p.name}.pkl").is_file())
+
+
+def load_dataset(data_dir: str | Path, name: str) -> Dataset:
+    """Read `<data_dir>/<name>` (gnd pickle through the restricted unpickler, sources.json when present)."""
+    root = Path(data_dir) / name
+    if not root.is_dir():
+        known = list_datasets(data_dir)
+        hint = f"run `visearch convert <folder> --name {name}` first, or point --data-dir / VISEARCH_DATA_DIR to it"
+        if known:
+            hint += f"; datasets in {data_dir}: {', '.join(known)}"
+        raise DatasetError(f"dataset {name!r} not found in {data_dir}", hint)
+    gnd_file = root / f"gnd_{name}.pkl"
+    if not gnd_file.is_file():
+        raise DatasetError(f"dataset folder {root} has no gnd_{name}.pkl",
+                           f"re-run `visearch convert <folder> --name {name}` to rebuild it")
+    cfg = validate_gnd(read_gnd(gnd_file), gnd_file)
+    if not (root / "jpg").is_dir():
+        raise DatasetError(f"dataset folder {root} has no jpg/ folder of images",
+                           f"re-run `visearch convert <folder> --name {name}`")
+    meta = read_sources(root)
+    if meta is None:  # official revisitop folder dropped into the data dir as is
+        return Dataset(name, root, cfg["imlist"], cfg["qimlist"], cfg["gnd"], origin="revisitop",
+                       apply_exif=False, allow_truncated=True)
+    info = meta["images"]
+    return Dataset(name, root, cfg["imlist"], cfg["qimlist"], cfg["gnd"],
+                   sources={k: v.path for k, v in info.items()}, source_info=info,
+                   origin=meta.get("origin", "folder"), apply_exif=bool(meta.get("apply_exif", True)),
+                   allow_truncated=bool(meta.get("allow_truncated", False)))
+
+
+# ---- sources.json -------------------------------------------------------------------------------------------------
+def read_sources(root: Path) -> dict[str, Any] | None:
+    p = root / SOURCES_FILE
+    if not p.is_file():
+        return None
+    try:
+        meta = json.loads(p.read_text(encoding="utf-8"))
+        meta["images"] = {k: Source(**v) for k, v in meta.get("images", {}).items()}
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise DatasetError(f"{p} is corrupt ({type(e).__name__})",
+                           "re-run `visearch convert` on the original folder to rebuild it") from None
+    if meta.get("schema", 1) > SCHEMA_VERSION:
+        raise DatasetError(f"{p} was written by a newer visearch (schema {meta.get('schema')})", "upgrade visearch")
+    return meta
+
+
+def write_sources(root: Path, meta: dict[str, Any]) -> None:
+    out = dict(meta)
+    out["images"] = {k: asdict(v) for k, v in sorted(meta["images"].items())}
+    atomic_write(root / SOURCES_FILE, json.dumps(out, indent=1).encode("ascii"))
