@@ -257,3 +257,30 @@ def test_configs_hold_published_values() -> None:
         assert (rr["lam"], rr["gamma"]) == LAM_GAMMA[variant] and rr["variant"] == variant
         assert (rr["local_dim"], rr["query_len"], cfg["local"]["topk"]) == (768, 600, 700)
         assert cfg["describe"]["global"] == "superglobal" and cfg["weights"]["global_backbone"].endswith("R101.pyth")
+
+
+def test_dinov2_global_pooling() -> None:
+    """`dinov2`: the normalised CLS token, or GeM over the patch tokens then L2 (one block keeps it cheap)."""
+    import torch.nn.functional as F
+
+    from visearch.models.dinov2 import DEFAULT_DESCRIBE, DinoV2Backbone, DinoV2Global, resize_to_patches, to_network
+    from visearch.models.nets.vit_dinov2 import DinoV2ViT
+    from visearch.models.nets.vit_dinov2 import random_state as vit_state
+
+    net = DinoV2ViT(depth=1)
+    net.load_state_dict(vit_state(3, depth=1), strict=True)
+    bb = DinoV2Backbone(net=net, device=torch.device("cpu"))
+    images = make_images()[:2]
+    rgb = [im[:, :, ::-1].copy() for im in images]
+    with torch.inference_mode():
+        ref = [net.forward_features(to_network(resize_to_patches(im))) for im in images]
+    for pooling in ("cls", "gem"):
+        cfg = {"describe": {**DEFAULT_DESCRIBE, "pooling": pooling}}
+        g = DinoV2Global(name="dinov2", dim=768, config=cfg, device=torch.device("cpu"), backbone=bb).extract(rgb)
+        assert g.global_.shape == (2, 768) and g.global_.dtype == np.float32 and g.local is None
+        for j, (cls, patches) in enumerate(ref):
+            want = cls[0] if pooling == "cls" else patches[0].clamp(min=1e-6).pow(3.0).mean(0).pow(1 / 3.0)
+            np.testing.assert_allclose(g.global_[j], F.normalize(want, dim=0).numpy(), rtol=0, atol=1e-6)
+    with pytest.raises(Exception, match="pooling"):
+        DinoV2Global(name="dinov2", dim=768, config={"describe": {**DEFAULT_DESCRIBE, "pooling": "mean"}},
+                     backbone=bb)
