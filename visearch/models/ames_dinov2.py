@@ -71,9 +71,8 @@ class AMESDinoV2Describer(AMESDescriber):
         self.topk = int(loc["topk"])
         self.global_kind = str(self.config["describe"]["global"])
 
-    def _local_from_tokens(self, patches: torch.Tensor, hw: tuple[int, int]) -> tuple[dict[str, np.ndarray],
-                                                                                       torch.Tensor]:
-        """Patch tokens [n, 768] of one image -> (records, detector-weighted tokens unused) as the reference."""
+    def _local_from_tokens(self, patches: torch.Tensor, hw: tuple[int, int]) -> dict[str, np.ndarray]:
+        """Patch tokens [n, 768] of one image (an (h, w) grid) -> its top-k local records, as the reference."""
         n = patches.shape[0]
         d = largest_divisor(n)
         fmap = patches[None].permute(0, 2, 1).reshape(1, DIM, d, n // d)
@@ -89,7 +88,7 @@ class AMESDinoV2Describer(AMESDescriber):
         out["positions"][:m] = patch_positions(*hw)[top_i.cpu()].numpy()
         out["weights"][:m] = top_w.float().cpu().numpy()
         out["mask"][:m] = False
-        return out, desc
+        return out
 
     @torch.inference_mode()
     def _forward(self, images: Sequence[np.ndarray]) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
@@ -97,7 +96,7 @@ class AMESDinoV2Describer(AMESDescriber):
         bgrs = [as_bgr(im, self.name) for im in images]
         records, cls_rows = [], []
         for cls, patches, hw in self.backbone.forward_batch(bgrs):
-            records.append(self._local_from_tokens(patches, hw)[0])
+            records.append(self._local_from_tokens(patches, hw))
             cls_rows.append(F.normalize(cls.float(), p=2, dim=-1).cpu().numpy())
         cls_arr = np.stack(cls_rows).astype(np.float32) if cls_rows else np.zeros((0, DIM), np.float32)
         return records, cls_arr
