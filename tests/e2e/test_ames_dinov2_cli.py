@@ -1,8 +1,10 @@
 """ames-dinov2-dist and ames-dinov2 end to end through the real CLI (subprocesses) on random weights in the official
 formats (tests/published_weights.py: DINOv2 ViT-B/14-reg4, the DINOv2 detector, both 768-d AMES checkpoints and the
 CVNet R101 of the SuperGlobal shortlist): convert -> extract -> query -> eval (dist: also --no-rerank) -> bench
-(both models: its figures include each one's reranked mAP), and the `dinov2` global-only model. The ~570 MB of
-random weights are written once per module and removed after.
+(both models: its figures include each one's reranked mAP), and the `dinov2` global-only model. ames-dinov2-dist
+keeps the published SuperGlobal shortlist; ames-dinov2 (float) runs with its `global = "cls"` option (through
+tests/e2e/dinov2_cli.py), so both global stages are covered. The ~570 MB of random weights are written once per
+module and removed after.
 
 Random weights cannot retrieve by content: assertions are about the pipeline (stored bytes and shapes, the AMES
 score formula, the documented JSON, the bench figures and the precision it reports).
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,9 +24,23 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from tests.e2e.test_published_models import json_lines, one_line_error, visearch  # noqa: E402
+from tests.e2e.fast_cli import cli_env  # noqa: E402
+from tests.e2e.test_published_models import json_lines, one_line_error  # noqa: E402
 from tests.photos import rescaled_copy, write_photos  # noqa: E402
 from tests.published_weights import DINOV2, FILES, write_weights_dir  # noqa: E402
+
+WRAPPER = ROOT / "tests" / "e2e" / "dinov2_cli.py"  # the real CLI; ames-dinov2 (float) with the CLS global stage
+
+
+def visearch(*args, data: Path, weights: Path | None = None, check: bool = True,
+             timeout: float = 600) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(WRAPPER), "--data-dir", str(data), *[str(a) for a in args]]
+    env = cli_env({"OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2",
+                   **({"VISEARCH_WEIGHTS_DIR": str(weights)} if weights else {})})
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=ROOT, check=False)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} failed ({p.returncode}):\n{p.stdout}\n{p.stderr}")
+    return p
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +66,7 @@ def coll(tmp_path_factory, wdir) -> dict:
     return {"data": data, "db": db, "q": q}
 
 
-def _extract(coll, wdir, model: str, width: int, dtype: str) -> None:
+def _extract(coll, wdir, model: str, width: int, dtype: str, dim: int) -> None:
     from visearch.store import Store
 
     rep = json.loads(visearch("-q", "extract", "trio", "--model", model, "--device", "cpu", "--json",
@@ -62,7 +79,7 @@ def _extract(coll, wdir, model: str, width: int, dtype: str) -> None:
     n_valid = (~loc["mask"]).sum(1)
     # <= 112 px photos at native size: at most 8 x 8 patches, all kept, the rest padding (zero tokens)
     assert (n_valid > 0).all() and (n_valid <= 64).all() and not loc["tokens"][loc["mask"]].any()
-    assert store.read_global(np.arange(3)).shape == (3, 2048)  # SuperGlobal shortlist by default
+    assert store.read_global(np.arange(3)).shape == (3, dim)  # 2048: SuperGlobal shortlist; 768: DINOv2 CLS
     assert store.manifest["config"]["local"] == {"topk": 700, "imsize": 0}
     store.close()
 
@@ -71,7 +88,7 @@ def test_dist_extract_query_eval(coll, wdir):
     from visearch.config import load_model_config
 
     model = "ames-dinov2-dist"
-    _extract(coll, wdir, model, 16, "uint8")
+    _extract(coll, wdir, model, 16, "uint8", 2048)
     common = ["--dataset", "trio", "--model", model, "--device", "cpu", "--json", "--top-k", "3"]
     rr = json_lines(visearch("query", coll["q"], *common, data=coll["data"], weights=wdir))[0]
     plain = json_lines(visearch("query", coll["q"], *common, "--no-rerank", data=coll["data"], weights=wdir))[0]
@@ -92,9 +109,10 @@ def test_dist_extract_query_eval(coll, wdir):
     assert ev["medium"]["map"] in (100.0, 50.0) and ev["hard"]["map"] is None
 
 
-def test_float_extract_query(coll, wdir):
+def test_float_cls_global_extract_query(coll, wdir):
+    """ames-dinov2 with `[describe] global = "cls"` (through tests/e2e/dinov2_cli.py): no CVNet pass, 768-d."""
     model = "ames-dinov2"
-    _extract(coll, wdir, model, 128, "float16")
+    _extract(coll, wdir, model, 128, "float16", 768)
     res = json_lines(visearch("query", coll["q"], "--dataset", "trio", "--model", model, "--device", "cpu", "--json",
                               "--top-k", "3", data=coll["data"], weights=wdir))[0]
     scores = [x["score"] for x in res["crops"][0]["results"]]
