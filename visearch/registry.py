@@ -21,14 +21,17 @@ MODEL_FAMILIES = {
 RERANKERS = {
     "superglobal": "visearch.rerankers.superglobal:build",
     "ames": "visearch.rerankers.ames:build",
+    "spatial": "visearch.rerankers.spatial:build",
 }
 
 # detector name -> "module:function"; build(**options) -> Detector
 DETECTORS = {
     "gdino": "visearch.detectors.grounding_dino:build",
-    "gdino-cloud": "visearch.detectors.dds_cloud:build",
+    "gdino-cloud": "visearch.detectors.gdino_cloud:build",
     "tiles": "visearch.detectors.tiles:build_tiles",
-    "none": "visearch.detectors.tiles:build_none",
+    "whole-image": "visearch.detectors.whole_image:build",
+    "none": "visearch.detectors.whole_image:build",  # the CLI's name for whole-image
+
 }
 
 
@@ -52,7 +55,12 @@ def load_model(name: str, weights: str | Path | None = None, weights_dir: str | 
     config = load_model_config(name, overrides)
     build = _resolve(MODEL_FAMILIES, "model family", config["family"])
     wdir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
-    return build(config, Path(weights) if weights else None, wdir, resolve_device(device))
+    describer = build(config, Path(weights) if weights else None, wdir, resolve_device(device))
+    if config.get("local", {}).get("kind") == "rootsift":  # any global model + weight-free RootSIFT local fields
+        from .models.sift import with_local_sift
+
+        describer = with_local_sift(describer, config)
+    return describer
 
 
 def load_reranker(config: dict[str, Any], weights_dir: str | Path | None = None, device: str = "auto"):

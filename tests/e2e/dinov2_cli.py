@@ -13,7 +13,7 @@ def install() -> None:
     from visearch import config
 
     def cls_global(cfg):
-        return config.merge(cfg, {"describe": {"global": "cls"}}) if cfg.get("name") == "ames-dinov2" else cfg
+        return config.merge(cfg, {"describe": {"global_stage": "cls"}}) if cfg.get("name") == "ames-dinov2" else cfg
 
     config.add_hook(cls_global)
 

@@ -2,7 +2,7 @@
 formats (tests/published_weights.py: DINOv2 ViT-B/14-reg4, the DINOv2 detector, both 768-d AMES checkpoints and the
 CVNet R101 of the SuperGlobal shortlist): convert -> extract -> query -> eval (dist: also --no-rerank) -> bench
 (both models: its figures include each one's reranked mAP), and the `dinov2` global-only model. ames-dinov2-dist
-keeps the published SuperGlobal shortlist; ames-dinov2 (float) runs with its `global = "cls"` option (through
+keeps the published SuperGlobal shortlist; ames-dinov2 (float) runs with its `global_stage = "cls"` option (through
 tests/e2e/dinov2_cli.py), so both global stages are covered. The ~570 MB of random weights are written once per
 module and removed after.
 

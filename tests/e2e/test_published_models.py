@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from tests.e2e.fast_cli import cli_env  # noqa: E402
 from tests.helpers_ckpt import make_cvnet_checkpoint  # noqa: E402
 from tests.photos import cropped_copy, rescaled_copy, write_photos  # noqa: E402
-from tests.published_weights import FILES, write_weights_dir  # noqa: E402
+from tests.published_weights import CVNET, FILES, write_weights_dir  # noqa: E402
 
 SG = "superglobal-r50"
 DB_NAMES = ["chelsea", "astronaut", "coffee", "rocket", "coins", "camera"]
@@ -64,6 +64,22 @@ def weights_dir(tmp_path_factory) -> Path:
     path = write_weights_dir(tmp_path_factory.mktemp("published_weights"))
     yield path
     shutil.rmtree(path, ignore_errors=True)
+
+
+def test_weights_dir_holds_every_file_a_user_has(weights_dir):
+    """The test folder is the folder a user has after `weights download` of every model and of the default detector
+    (and the files the seed prototype fetched, e.g. the ITQ npz that once crashed `load_model("ames")`)."""
+    from visearch import weight_files as weights
+
+    # the DINOv2 models' files (a 350 MB ViT-B) are written only by tests/e2e/test_ames_dinov2_cli.py
+    dino = {"ames-dinov2", "ames-dinov2-dist", "dinov2"}
+    needed = {n for m, names in weights.requirements().items() if m not in dino for n in names}
+    status = {st.spec.name: st for st in weights.status(weights_dir)}
+    assert needed - {"grounding-dino-base"} <= {n for n, st in status.items() if st.present}, \
+        {n: st.present for n, st in status.items()}
+    prototype = {"CVPR2022_CVNet_R50.pyth", "cvnet_detector.pt", "itq_r101_cvnet_D128.npz", "r101_cvnet_ames.pt"}
+    assert prototype <= {p.name for p in weights_dir.iterdir()}
+    assert {FILES[k] for k in CVNET} == {p.name for p in weights_dir.iterdir()}
 
 
 # ---- superglobal-r50 ------------------------------------------------------------------------------------------------
@@ -224,7 +240,7 @@ def test_ames_dist_extract_store(ames):
 
 
 def test_ames_query_rerank_small_crop_and_no_rerank(ames, weights_dir):
-    from visearch.rerankers.ames import DEFAULTS
+    from visearch.config import load_model_config
 
     common = ["--dataset", "pair", "--model", "ames", "--device", "cpu", "--json", "--top-k", "2"]
     p = visearch("-v", "query", ames["q"], ames["tiny"], *common, data=ames["data"], weights=weights_dir)
@@ -240,7 +256,7 @@ def test_ames_query_rerank_small_crop_and_no_rerank(ames, weights_dir):
     rr = {x["id"]: x["score"] for x in reranked[0]["crops"][0]["results"]}
     assert set(g) == set(rr)
     # reranked score = lam * global + (1 - lam) * sigmoid(gamma * logit): the AMES part lies strictly in (0, 1)
-    lam = DEFAULTS["dist"]["lam"]
+    lam = load_model_config("ames-dist")["rerank"]["lam"]
     for i in g:
         part = (rr[i] - lam * g[i]) / (1 - lam)
         assert 1e-4 < part < 1 - 1e-4, (i, rr[i], g[i])

@@ -1,6 +1,7 @@
 """`visearch serve` as a real subprocess on a free loopback port: every route, every error code, token auth beyond
 loopback, path traversal, 20 concurrent queries, the page in a real headless Chromium (Debian /usr/bin/chromium driven by
 Playwright; no downloaded browser), clean shutdown."""
+import base64
 import io
 import json
 import shutil
@@ -251,6 +252,22 @@ def test_page_in_a_real_browser(live_server, serve_collection, browser_page, tmp
     assert f"id={clicked}" in page.url
     assert page.locator(".crop-row .hit .id").first.inner_text() == clicked  # it finds itself first
 
+    # drag a box on the photo: only that region is searched (one crop labelled "region"), drawn dashed on the photo
+    ov = page.locator("#overlay").bounding_box()
+    page.mouse.move(ov["x"] + ov["width"] * 0.2, ov["y"] + ov["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(ov["x"] + ov["width"] * 0.5, ov["y"] + ov["height"] * 0.45, steps=5)
+    page.mouse.move(ov["x"] + ov["width"] * 0.7, ov["y"] + ov["height"] * 0.8, steps=5)
+    page.mouse.up()
+    expect(page.locator(".crop-row h2").first).to_contain_text("region")
+    expect(page.locator("#overlay rect.drawn")).to_have_count(1)
+    x0, y0, x1, y1 = (float(v) for v in page.locator(".crop-row h2").first.inner_text().split("[")[1].rstrip("]").split(","))
+    size = Image.open(serve_collection["photos"][clicked.split("-")[0]]).size
+    assert x0 == pytest.approx(0.2 * size[0], abs=3) and y1 == pytest.approx(0.8 * size[1], abs=3)
+    page.click("#clear-box")
+    expect(page.locator(".crop-row h2").first).to_contain_text("whole image")
+    expect(page.locator("#overlay rect.drawn")).to_have_count(0)
+
     # a prompt with the tiles detector: numbered, coloured crop boxes and one row per crop + merged
     page.fill("#prompt", "cup")
     page.select_option("#detector", "tiles")
@@ -270,6 +287,19 @@ def test_page_in_a_real_browser(live_server, serve_collection, browser_page, tmp
     expect(page.locator(".crop-row.merged")).to_have_count(1)
     assert page.input_value("#prompt") == "cup"
     page.screenshot(path=str(tmp_path / "page.png"), full_page=True)
+
+    # drop a photo on the drop zone, then paste one: each starts a search with that file
+    b64 = base64.b64encode(serve_collection["photos"]["rocket"].read_bytes()).decode()
+    make_transfer = """(b64) => { const bin = atob(b64); const u = new Uint8Array(bin.length);
+        for (let i = 0; i < bin.length; i++) u[i] = bin.charCodeAt(i);
+        const dt = new DataTransfer(); dt.items.add(new File([u], NAME, {type: "image/jpeg"})); return dt; }"""
+    dropped = page.evaluate_handle(make_transfer.replace("NAME", "'dropped.jpg'"), b64)
+    page.dispatch_event("#drop", "drop", {"dataTransfer": dropped})
+    expect(page.locator("#query-label")).to_contain_text("dropped.jpg")
+    pasted = page.evaluate_handle(make_transfer.replace("NAME", "'pasted.jpg'"), b64)
+    page.evaluate("(dt) => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: dt}))", pasted)
+    expect(page.locator("#query-label")).to_contain_text("pasted.jpg")
+    assert page.locator(".hit .id").first.inner_text().startswith("rocket")
 
     # a file that is not an image: a clear message, not a broken page
     bad = tmp_path / "notes.jpg"

@@ -111,7 +111,7 @@ def describer(vit_file: Path, tmp_path_factory):
     torch.save({"state": detector_state(DETECTOR_SEED, channels=DIM)}, wdir / "dinov2_detector.pt")
     torch.save({"state": random_state("dist", AMES_SEED["dist"], local_dim=DIM)}, wdir / "dinov2_ames_dist.pt")
     return load_model("ames-dinov2-dist", weights_dir=wdir, device="cpu",
-                      overrides={"describe": {"global": "cls"}, "rerank": {"precision": "fp32"}})
+                      overrides={"describe": {"global_stage": "cls"}, "rerank": {"precision": "fp32"}})
 
 
 # ---- preparation ----------------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def test_configs_hold_published_values() -> None:
         rr = cfg["rerank"]
         assert (rr["lam"], rr["gamma"]) == LAM_GAMMA[variant] and rr["variant"] == variant
         assert (rr["local_dim"], rr["query_len"], cfg["local"]["topk"]) == (768, 600, 700)
-        assert cfg["describe"]["global"] == "superglobal" and cfg["weights"]["global_backbone"].endswith("R101.pyth")
+        assert cfg["describe"]["global_stage"] == "superglobal" and cfg["weights"]["global_backbone"].endswith("R101.pyth")
 
 
 def test_dinov2_global_pooling() -> None:

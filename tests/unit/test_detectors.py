@@ -6,7 +6,8 @@ import pytest
 
 from visearch.detectors import Box, crop, nms, normalize_prompt, select_crops
 from visearch.detectors.base import DEFAULT_PROMPT, box_iou
-from visearch.detectors.tiles import TilesDetector, build_none, build_tiles, tile_boxes
+from visearch.detectors.tiles import TilesDetector, build_tiles, tile_boxes
+from visearch.detectors.whole_image import build as build_none
 from visearch.errors import ImageError, UsageError
 from visearch.registry import load_detector
 

@@ -25,15 +25,17 @@ def test_wheel_ships_model_configs_and_weights_manifest(tmp_path):
     for name in configs:
         assert f"visearch/config/models/{name}" in names
     assert "visearch/weights_manifest.toml" in names
+    for name in ("index.html", "app.js", "style.css"):  # the page of `visearch serve`
+        assert f"visearch/serve/static/{name}" in names
 
 
 def test_configs_and_manifest_are_read_from_the_package(monkeypatch, tmp_path):
     """Nothing is looked up relative to the current directory or the source checkout's root."""
-    from visearch import config, weights
+    from visearch import config, weight_files
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv(weights.MANIFEST_ENV, raising=False)
+    monkeypatch.delenv(weight_files.MANIFEST_ENV, raising=False)
     assert {"lite", "superglobal-r101", "ames-dist"} <= set(config.model_names())
     assert config.load_model_config("superglobal")["name"] == "superglobal-r101"
-    assert {s.name for s in weights.manifest()} >= {"superglobal-r101", "ames-detector"}
+    assert {s.name for s in weight_files.manifest()} >= {"superglobal-r101", "ames-detector"}
     assert str(config.models_dir()).startswith(str(Path(config.__file__).parent))

@@ -131,9 +131,13 @@ def test_reranker_on_store_shortlist(tmp_path, data):
     assert rr.shortlist_size == 400
     out = rr.rerank(q[qi], None, Shortlist(rows=rows, sims=sims), store)
     np.testing.assert_array_equal(out.rows, g["full_ranks"][:, :400])
-    assert out.sims.shape == (len(qi), 400) and (np.diff(out.sims, axis=1) <= 0).all()
+    assert out.scores.shape == (len(qi), 400) and (np.diff(out.scores, axis=1) <= 0).all()
     # scores are the final combined scores, not the cosines
-    assert not np.allclose(np.sort(out.sims, axis=1), np.sort(sims, axis=1), atol=1e-3)
+    assert not np.allclose(np.sort(out.scores, axis=1), np.sort(sims, axis=1), atol=1e-3)
+    # sims stay the global cosines of the same rows
+    for i in range(len(qi)):
+        pos = {int(r): j for j, r in enumerate(rows[i])}
+        np.testing.assert_array_equal(out.sims[i], sims[i][[pos[int(r)] for r in out.rows[i]]])
 
 
 def test_reranker_padding_and_shorter_lists(tmp_path, data):

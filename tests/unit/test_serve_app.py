@@ -161,3 +161,14 @@ def test_a_dataset_without_store_is_listed_and_answers_404(service, serve_collec
     photo = serve_collection["photos"]["coins"].read_bytes()
     r = client.post("/api/query", files={"image": ("c.jpg", photo)}, data={"dataset": "nostore"})
     assert r.status_code == 404 and "no usable lite store" in r.json()["error"]
+
+
+def test_loopback_server_refuses_foreign_host_names(service):
+    from visearch.serve.app import LOOPBACK_HOSTS
+
+    client = TestClient(create_app(service, allowed_hosts=LOOPBACK_HOSTS), base_url="http://127.0.0.1:8421")
+    assert client.get("/api/health").status_code == 200
+    assert client.get("/api/health", headers={"Host": "localhost:8421"}).status_code == 200
+    r = client.get("/api/health", headers={"Host": "attacker.example:8421"})  # DNS rebinding: name -> 127.0.0.1
+    assert r.status_code == 400 and "Host" in r.json()["error"]
+    assert client.get("/", headers={"Host": "attacker.example"}).status_code == 400

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from visearch import weights as W
+from visearch import weight_files as W
 from visearch.errors import UsageError, WeightsError
 
 # ---- a real HTTP server on 127.0.0.1 serving one file, with Range support and byte accounting ------------------------

@@ -1,7 +1,9 @@
 """Named model configurations, shipped as package data in visearch/config/models/<name>.toml.
 
-A config file holds `family` (which code builds it), optional `alias_of`, and tables such as `[describe]`,
-`[search]` and `[rerank]`. Overrides merge onto the file's values; unknown names raise with the list of known ones.
+A config file holds `family` (which code builds it), optional `alias_of` (the file is another name for that model)
+or `extends` (start from that model's file and state only what differs), and tables such as `[describe]`,
+`[search]` and `[rerank]`; their keys, types and defaults are the typed schema of schema.py. Overrides merge onto the
+file's values; unknown model names, tables and keys raise with the list of known ones.
 The files are found through importlib.resources, so a wheel install reads the same files as a source checkout.
 """
 from __future__ import annotations
@@ -43,7 +45,24 @@ def _read(name: str) -> dict[str, Any]:
     item = models_dir().joinpath(f"{name}.toml")
     if "/" in name or "\\" in name or name.startswith(".") or not item.is_file():
         raise UsageError(f"unknown model {name!r}", f"known models: {', '.join(model_names())}")
-    return tomllib.loads(item.read_text(encoding="utf-8"))
+    try:
+        return tomllib.loads(item.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"model config {name}.toml is not valid TOML ({e})") from None
+
+
+def _read_extended(name: str, chain: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The file of `name` merged onto the file it `extends` (recursively), without the `extends` key."""
+    if name in chain:
+        raise UsageError(f"`extends` loop in model configs: {' -> '.join([*chain, name])}")
+    cfg = _read(name)
+    base = cfg.pop("extends", None)
+    if base is None:
+        return cfg
+    parent = _read_extended(str(base), (*chain, name))
+    if "alias_of" in parent:
+        raise UsageError(f"model config {name!r} extends {base!r}, which is an alias", "extend the model it names")
+    return merge(parent, cfg)
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -63,16 +82,20 @@ def add_hook(hook: ConfigHook) -> None:
 
 
 def load_model_config(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The resolved configuration of model `name` (aliases followed); `name` in the result is the canonical one."""
-    cfg = _read(name)
+    """The resolved configuration of model `name` (aliases followed, `extends` applied, overrides merged, every key
+    of the typed schema present with its default); `name` in the result is the canonical one. Unknown tables and
+    keys raise UsageError with the known ones."""
+    from .schema import resolve
+
+    cfg = _read_extended(name)
     seen = {name}
     while "alias_of" in cfg:
         name = cfg["alias_of"]
         if name in seen:
             raise UsageError(f"alias loop in model configs at {name!r}")
         seen.add(name)
-        cfg = _read(name)
-    cfg = merge(cfg, overrides or {})
+        cfg = _read_extended(name)
+    cfg = resolve(merge(cfg, overrides or {}), name)
     cfg["name"] = name
     for hook in _HOOKS:
         cfg = hook(cfg)

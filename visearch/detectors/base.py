@@ -9,7 +9,7 @@ import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -53,13 +53,24 @@ class Box:
         return self.width * self.height
 
 
-class Detector:
-    """Base class. `detect(image, prompt)` returns boxes in the image's pixel coordinates, best first."""
+@runtime_checkable
+class DetectorProtocol(Protocol):
+    """What the pipeline needs from a detector: `detect(image, prompt)` returns boxes in the image's pixel
+    coordinates, best first (the whole-image detector returns the whole image; select_crops always adds it)."""
+
+    name: str
+
+    def detect(self, image: np.ndarray, prompt: str | None = None) -> list[Box]:
+        """Boxes for one RGB uint8 image `[H, W, 3]`; `prompt` is free text (see `normalize_prompt`)."""
+        ...
+
+
+class Detector(DetectorProtocol):
+    """Base class of the detectors here: subclasses set `name` and implement `detect`."""
 
     name: str = "detector"
 
     def detect(self, image: np.ndarray, prompt: str | None = None) -> list[Box]:
-        """Boxes for one RGB uint8 image `[H, W, 3]`; `prompt` is free text (see `normalize_prompt`)."""
         raise NotImplementedError
 
 

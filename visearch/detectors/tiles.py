@@ -1,4 +1,4 @@
-"""Weight-free region proposals: multi-scale overlapping windows (`tiles`) and the whole image only (`none`).
+"""Weight-free region proposals: multi-scale overlapping windows (`tiles`; the whole image only: whole_image.py).
 
 Tile geometry (exact). For each level `n` in `levels` (default (2, 3)) the image is cut into `n x n` windows that
 overlap by half: along an axis of length `L`, window `i` (0 <= i < n) spans
@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import UsageError
-from .base import Box, Detector, check_image, check_options, whole_image_box
+from .base import Box, Detector, check_image, check_options
 
 DEFAULT_LEVELS = (2, 3)
 
@@ -50,25 +50,9 @@ class TilesDetector(Detector):
         return tile_boxes(w, h, self.levels)
 
 
-class WholeImageDetector(Detector):
-    """The whole image as the only box (label "whole image", score None)."""
-
-    name = "none"
-
-    def detect(self, image: np.ndarray, prompt: str | None = None) -> list[Box]:
-        h, w = check_image(image)
-        return [whole_image_box(w, h)]
-
-
 def build_tiles(levels: Sequence[int] | None = None, device: Any = None, weights_dir: Any = None,
                 **options: Any) -> TilesDetector:
     """Options: `levels` (grid sizes, default (2, 3)). `device` / `weights_dir` are accepted and ignored; other
     options must be None."""
     check_options("tiles", options)
     return TilesDetector(DEFAULT_LEVELS if levels is None else levels)
-
-
-def build_none(device: Any = None, weights_dir: Any = None, **options: Any) -> WholeImageDetector:
-    """No options: `device` / `weights_dir` are accepted and ignored; other options must be None."""
-    check_options("none", options)
-    return WholeImageDetector()

@@ -24,11 +24,11 @@ import torch
 
 from ..errors import ModelError, WeightsError
 from ..fsutil import sha256_file
+from ..images import check_aspect, work_scale
 from .base import Describer, Features, LocalField
 from .nets.ames_detector import load_detector
-from .nets.ames_transformer import CHECKPOINTS, ITQ_BITS, LOCAL_DIM, MODEL_DIM, PACKED_BYTES, load_ames
+from .nets.ames_transformer import ITQ_BITS, LOCAL_DIM, MODEL_DIM, PACKED_BYTES, load_ames
 from .nets.cvnet_resnet import CVNetResNet, load_cvnet_state
-from .superglobal import DEFAULT_DESCRIBE as SG_DEFAULTS
 from .superglobal import MEAN_BGR, STD_BGR, SuperGlobal
 
 log = logging.getLogger(__name__)
@@ -39,9 +39,6 @@ STRIDE = 16.0
 RF_PADDING = 145.0
 RF = 291.0
 
-FILES = {"backbone": "CVPR2022_CVNet_R101.pyth", "detector": "cvnet_detector.pt",
-         "itq": "itq_r101_cvnet_D128.npz", **{f"ames_{k}": v for k, v in CHECKPOINTS.items()}}
-DEFAULT_LOCAL: dict[str, Any] = {"scales": [0.7071, 1.0, 1.4142], "topk": 700, "max_side": 0}
 
 
 def resize_bgr(bgr: np.ndarray, s: float) -> np.ndarray:
@@ -69,15 +66,18 @@ class AMESDescriber(Describer):
         loc = self.config["local"]
         self.scales = [float(s) for s in loc["scales"]]
         self.topk = int(loc["topk"])
-        self.max_side = int(loc.get("max_side", 0) or 0)
+        self.max_side = int(loc["max_side"] or 0)
         self.mean = torch.tensor(MEAN_BGR, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD_BGR, device=self.device).view(1, 3, 1, 1)
 
     # ---- local features -----------------------------------------------------------------------------------------
     def _scales_for(self, h: int, w: int) -> list[float]:
-        """Reference: scales * imsize / long side when a size is set; we apply it only to shrink large images."""
-        if self.max_side and max(h, w) > self.max_side:
-            f = self.max_side / max(h, w)
+        """Reference: scales * imsize / long side when a size is set; we apply it only to shrink large images (and
+        images above MAX_DESCRIBE_PIXELS, so the work per image stays bounded)."""
+        check_aspect(w, h, "image")
+        f = self.max_side / max(h, w) if self.max_side and max(h, w) > self.max_side else 1.0
+        f = min(f, work_scale(w, h))
+        if f < 1.0:
             return [s * f for s in self.scales]
         return list(self.scales)
 
@@ -136,6 +136,7 @@ class AMESDescriber(Describer):
 
     # ---- extraction ---------------------------------------------------------------------------------------------
     def _extract(self, images: Sequence[np.ndarray], database: bool) -> Features:
+        self.global_model.batch_size = self.batch_size  # extract's --batch-size reaches the global path too
         glob = self.global_model.extract(images).global_  # decodes nothing: arrays are shared
         loc = [self._local_one(self._bgr(im)) for im in images]
         k = self.topk
@@ -167,18 +168,17 @@ def _require(path: Path, model: str) -> Path:
 def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, device: torch.device) -> AMESDescriber:
     """Factory (registry family `ames`): CVNet R101 (strict; an R50 file is refused), detector, AMES checkpoint of the
     configured variant. `weights` overrides the backbone file; the others come from `weights_dir`."""
-    config = dict(config)
+    from ..config.schema import resolve
+
+    config = resolve({"family": "ames", **config}, config.get("name", "ames"))  # defaults: config/schema.py
     name = config.get("name", "ames")
-    config["describe"] = {**SG_DEFAULTS, **config.get("describe", {})}
-    config["local"] = {**DEFAULT_LOCAL, **config.get("local", {})}
     if int(config["describe"]["depth"]) != 101 or not config["describe"]["relup"]:
         raise ModelError("AMES needs the SuperGlobal R101 (ReLU+) global path", "set describe.depth = 101, relup = true")
     wdir = Path(weights_dir)
-    wfiles = config.get("weights", {})
-    backbone = Path(weights) if weights else _require(wdir / wfiles.get("backbone", FILES["backbone"]), name)
-    detector_path = _require(wdir / wfiles.get("detector", FILES["detector"]), name)
-    variant = config.get("rerank", {}).get("variant", "dist")
-    _require(wdir / config.get("rerank", {}).get("checkpoint", CHECKPOINTS.get(variant, "")), name)
+    wfiles = config["weights"]
+    backbone = Path(weights) if weights else _require(wdir / wfiles["backbone"], name)
+    detector_path = _require(wdir / wfiles["detector"], name)
+    checkpoint = _require(wdir / config["rerank"]["checkpoint"], name)
 
     net_g = CVNetResNet(101, relup=True)
     sha_backbone = load_cvnet_state(net_g, backbone)  # strict: R50 or partial files raise WeightsError
@@ -188,20 +188,19 @@ def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, devic
     net_l.to(device).eval()
     det = load_detector(detector_path).to(device)
     ames = load_ames(config, wdir, device)
-    itq = wdir / wfiles.get("itq", FILES["itq"])
+    itq = wdir / wfiles["itq"]
     if ames.variant == "dist" and itq.is_file():  # informative only: the checkpoint's W is what the model uses
         try:
             with np.load(itq) as z:
                 proj = z["proj"]
-            same = proj.shape == (LOCAL_DIM, ITQ_BITS) and np.allclose(proj, ames.remap_local[0].W.cpu().numpy())
+            same = proj.shape == (LOCAL_DIM, ITQ_BITS) and np.allclose(proj, ames.remap_local[0].W.detach().cpu().numpy())
             log.debug("%s %s the checkpoint's ITQ projection (the checkpoint's is used)", itq,
                       "matches" if same else "differs from")
-        except (OSError, KeyError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - any garbage (BadZipFile, EOFError, ...): informative file only
             log.warning("ignoring unreadable %s (%s); the AMES checkpoint carries the projection", itq, e)
 
     sha = hashlib.sha256()
-    for part in (sha_backbone, sha256_file(detector_path),
-                 sha256_file(wdir / config.get("rerank", {}).get("checkpoint", CHECKPOINTS[ames.variant]))):
+    for part in (sha_backbone, sha256_file(detector_path), sha256_file(checkpoint)):
         sha.update(part.encode())
     k = int(config["local"]["topk"])
     fields = {"tokens": LocalField((k, PACKED_BYTES), "uint8") if ames.variant == "dist"

@@ -9,7 +9,7 @@ centre normalised by the prepared image size ((i * 14 + 7) / H, (j * 14 + 7) / W
 768-d descriptor. Stored: AMES tokens (dist: ITQ sign bits, 16 B per local; float: remapped float16 tokens, 256 B)
 and the mask, as for the CVNet AMES models.
 
-Global stage (the shortlist AMES reranks), `describe.global`:
+Global stage (the shortlist AMES reranks), `describe.global_stage`:
   "superglobal": SuperGlobal on CVNet R101 (ReLU+), as in the published evaluation (nn_superglobal.pkl): needs
                  CVPR2022_CVNet_R101.pyth too and a second backbone pass per image; 2048-d.
   "cls":         the DINOv2 CLS token (L2-normalised; ELViS's nn_dinov2.pkl): no CVNet, no second pass, 768-d,
@@ -69,7 +69,7 @@ class AMESDinoV2Describer(AMESDescriber):
     def __post_init__(self) -> None:
         loc = self.config["local"]
         self.topk = int(loc["topk"])
-        self.global_kind = str(self.config["describe"]["global"])
+        self.global_kind = str(self.config["describe"]["global_stage"])
 
     def _local_from_tokens(self, patches: torch.Tensor, hw: tuple[int, int]) -> dict[str, np.ndarray]:
         """Patch tokens [n, 768] of one image (an (h, w) grid) -> its top-k local records, as the reference."""
@@ -134,17 +134,14 @@ def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, devic
     """Factory (registry family `ames-dinov2`): DINOv2 ViT-B/14-reg4 (strict; `weights` overrides its file),
     the DINOv2 detector, the AMES checkpoint of the configured variant (768-d) and, for the SuperGlobal global
     stage, CVNet R101 (strict)."""
-    from .superglobal import DEFAULT_DESCRIBE as SG_DEFAULTS
     from .superglobal import SuperGlobal
 
     config = dict(config)
     name = config.get("name", "ames-dinov2")
-    describe = {"global": "superglobal", **config.get("describe", {})}
-    if describe["global"] not in GLOBALS:
+    describe = {"global_stage": "superglobal", **config.get("describe", {})}
+    if describe["global_stage"] not in GLOBALS:
         raise UsageError(f"unknown global stage {describe['global']!r} for {name}", "use \"superglobal\" or \"cls\"")
-    if describe["global"] == "superglobal":
-        describe = {**SG_DEFAULTS, **describe}
-    config["describe"] = describe
+    config["describe"] = describe  # complete: the config schema fills SuperGlobal's defaults
     config["local"] = {**DEFAULT_LOCAL, **config.get("local", {})}
     wdir = Path(weights_dir)
     wfiles = {**FILES, **config.get("weights", {})}
@@ -158,7 +155,7 @@ def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, devic
     ames_path = _require(wdir / rr.get("checkpoint", FILES[f"ames_{variant}"]), name)
     sg = None
     parts = []
-    if describe["global"] == "superglobal":
+    if describe["global_stage"] == "superglobal":
         from .nets.cvnet_resnet import CVNetResNet, load_cvnet_state
 
         if int(describe["depth"]) != 101 or not describe["relup"]:

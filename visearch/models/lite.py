@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import ImageError, ModelError, WeightsError
 from ..fsutil import sha256_file
+from ..images import check_aspect
 from .base import Describer, Features
 from .nets.efficientnet_lite import DIM, WEIGHTS_FILE, EfficientNetLite0, load_state_strict
 
@@ -67,13 +68,15 @@ class LiteDescriber(Describer):
     """Global descriptor: multi-scale GeM over EfficientNet-Lite0's last feature map, `[N, 1280]`."""
 
     def __init__(self, net: EfficientNetLite0, config: dict[str, Any], device: torch.device, weights_sha256: str):
-        super().__init__(name="lite", dim=DIM, config=config, device=device, weights_sha256=weights_sha256)
-        d = config.get("describe", {})
-        self.scales = [float(s) for s in d.get("scales", [0.7071, 1.0, 1.4142])]
-        self.gem_p = float(d.get("gem_p", 3.0))
-        self.max_side = int(d.get("max_side", 320))
-        self.upscale = bool(d.get("upscale", True))
-        self.min_side = int(d.get("min_side", 0))
+        # the config's canonical name: a second lite config (other describe settings) gets a store of its own
+        super().__init__(name=str(config.get("name", "lite")), dim=DIM, config=config, device=device,
+                         weights_sha256=weights_sha256)
+        d = config["describe"]  # every key present: config/schema.py holds the defaults
+        self.scales = [float(s) for s in d["scales"]]
+        self.gem_p = float(d["gem_p"])
+        self.max_side = int(d["max_side"])
+        self.upscale = bool(d["upscale"])
+        self.min_side = int(d["min_side"])
         if not self.scales or self.gem_p <= 0 or self.max_side < 32 or not 0 <= self.min_side <= self.max_side:
             raise ModelError("bad [describe] settings for lite",
                              "need scales, gem_p > 0, max_side >= 32 and 0 <= min_side <= max_side")
@@ -109,6 +112,7 @@ class LiteDescriber(Describer):
         for idx in groups.values():
             x = self._to_tensor([images[i] for i in idx])
             h, w = x.shape[-2:]
+            check_aspect(int(w), int(h), "image")  # the same work bound as every model
             base = base_long_side(h, w, self.max_side, self.upscale, self.min_side)
             desc = torch.zeros(len(idx), DIM, device=self.device)
             for s in self.scales:
@@ -126,6 +130,9 @@ class LiteDescriber(Describer):
 
 def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, device: torch.device) -> LiteDescriber:
     """Factory for the registry: EfficientNet-Lite0 loaded strictly from `weights` (or the default file)."""
+    from ..config.schema import resolve
+
+    config = resolve({"family": "lite", **config}, config.get("name", "lite"))  # defaults: config/schema.py
     path = Path(weights) if weights is not None else default_weights_path(weights_dir)
     net = EfficientNetLite0()
     load_state_strict(net, path)

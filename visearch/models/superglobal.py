@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError, WeightsError
+from ..images import check_aspect, work_scale
 from .base import Describer, Features
 from .nets.cvnet_resnet import CVNetResNet, load_cvnet_state
 
@@ -29,20 +30,6 @@ MEAN_BGR = (0.406, 0.456, 0.485)
 STD_BGR = (0.225, 0.224, 0.229)
 # Smallest input side whose s4 map is 3 px (the least ReflectionPad2d(2) accepts): 65 -> 33 -> 17 -> 9 -> 5 -> 3.
 MIN_NET_SIDE = 65
-
-DEFAULT_DESCRIBE: dict[str, Any] = {
-    "depth": 101,
-    "relup": True,
-    "scales": [0.7071, 1.0, 1.4142],
-    "rgem": True,
-    "rgem_p": 2.5,
-    "rgem_size": 5,
-    "gem_p": 4.6,
-    "max_side": 0,
-    "batch_size": 8,
-    "precision": "fp32",
-}
-
 
 def min_image_side(scales: Sequence[float]) -> int:
     """Smallest image side t such that int(t * s) >= MIN_NET_SIDE for every scale (92 for the default scales)."""
@@ -81,7 +68,7 @@ class SuperGlobal(Describer):
         self.min_side = min_image_side(self.scales)
         self.mean = torch.tensor(MEAN_BGR, device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(STD_BGR, device=self.device).view(1, 3, 1, 1)
-        prec = str(d.get("precision", "fp32")).lower()
+        prec = str(d["precision"]).lower()
         if prec not in ("fp32", "fp16", "bf16"):
             raise ModelError(f"unknown precision {prec!r} in the superglobal config", "use fp32, fp16 or bf16")
         if prec != "fp32" and self.device.type != "cuda":
@@ -96,13 +83,15 @@ class SuperGlobal(Describer):
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ModelError(f"superglobal expects RGB uint8 [H, W, 3] arrays, got {rgb.dtype} {rgb.shape}",
                              "load images with visearch.images.load_rgb")
+        h, w = rgb.shape[:2]
+        check_aspect(w, h, "image")  # bounded work: the short side may be upsampled to min_side below
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-        max_side = int(self.config["describe"].get("max_side", 0) or 0)
-        h, w = bgr.shape[:2]
-        if max_side and max(h, w) > max_side:
+        max_side = int(self.config["describe"]["max_side"] or 0)
+        f = max_side / max(h, w) if max_side and max(h, w) > max_side else 1.0
+        f = min(f, work_scale(w, h))  # native resolution, but never above MAX_DESCRIBE_PIXELS
+        if f < 1.0:
             import cv2
 
-            f = max_side / max(h, w)
             bgr = cv2.resize(bgr, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
         return bgr
 
@@ -130,7 +119,7 @@ class SuperGlobal(Describer):
             x4 = x4.float()  # pooling powers (p = 4.6) overflow in half precision
         else:
             x4 = self.net.forward_s4(x)
-        if d.get("rgem", True):
+        if d["rgem"]:
             x4 = regional_gem(x4, float(d["rgem_p"]), int(d["rgem_size"]))
         g = F.normalize(gem_plus(x4, float(d["gem_p"])), p=2, dim=-1)
         return self.net.head.fc(g)
@@ -159,7 +148,7 @@ class SuperGlobal(Describer):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(prepared):
             groups.setdefault(im.shape[:2], []).append(i)
-        bs = max(1, int(self.config["describe"].get("batch_size", 8)))
+        bs = max(1, int(self.batch_size or self.config["describe"]["batch_size"]))
         for idx in groups.values():
             for start in range(0, len(idx), bs):
                 chunk = idx[start:start + bs]
@@ -171,13 +160,13 @@ class SuperGlobal(Describer):
 def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, device: torch.device) -> SuperGlobal:
     """Factory (see registry.MODEL_FAMILIES): CVNet ResNet with ReLU+, loaded strictly from `weights` or from the
     config's default file name in `weights_dir`."""
-    config = dict(config)
-    config["describe"] = {**DEFAULT_DESCRIBE, **config.get("describe", {})}
+    from ..config.schema import resolve
+
+    config = resolve({"family": "superglobal", **config}, config.get("name", "superglobal"))  # defaults: schema.py
     depth = int(config["describe"]["depth"])
     name = config.get("name", f"superglobal-r{depth}")
     if weights is None:
-        fname = config.get("weights", {}).get("file", f"CVPR2022_CVNet_R{depth}.pyth")
-        weights = Path(weights_dir) / fname
+        weights = Path(weights_dir) / config["weights"]["file"]
         if not weights.is_file():
             raise WeightsError(f"weights for {name} not found: {weights}",
                                f"run `visearch weights download {name}` or pass --weights PATH")

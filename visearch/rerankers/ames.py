@@ -85,30 +85,27 @@ class AMESReranker(Reranker):
 
     def rerank(self, query_global: np.ndarray, query_local: dict[str, np.ndarray] | None,
                shortlist: Shortlist, store: Any) -> Shortlist:
-        """Shortlist reordered: first k by the combined score (their `sims` become that score), the rest as given."""
+        """Shortlist reordered: the first k by the combined score (`scores`: that score there, the global cosine
+        after), the rest as given; `sims` stay the global cosines of the reordered rows."""
         rows = np.asarray(shortlist.rows)
         sims = np.asarray(shortlist.sims, np.float32)
         k = min(self.shortlist_size, rows.shape[1])
         if k == 0:
-            return Shortlist(rows=rows.copy(), sims=sims.copy())
+            return Shortlist(rows=rows.copy(), sims=sims.copy(), scores=sims.copy())
         lg = self.logits(query_local, shortlist, store)
         s = combined_scores(sims[:, :k], lg, self.lam, self.gamma)
         order = np.argsort(-s, axis=1, kind="stable")
-        new_rows, new_sims = rows.copy(), sims.copy()
+        new_rows, new_sims, new_scores = rows.copy(), sims.copy(), sims.copy()
         new_rows[:, :k] = np.take_along_axis(rows[:, :k], order, axis=1)
-        new_sims[:, :k] = np.take_along_axis(s, order, axis=1).astype(np.float32)
-        return Shortlist(rows=new_rows, sims=new_sims)
-
-
-DEFAULTS = {"float": {"lam": 0.85, "gamma": 0.80}, "dist": {"lam": 0.65, "gamma": 0.20}}
+        new_sims[:, :k] = np.take_along_axis(sims[:, :k], order, axis=1)
+        new_scores[:, :k] = np.take_along_axis(s, order, axis=1).astype(np.float32)
+        return Shortlist(rows=new_rows, sims=new_sims, scores=new_scores)
 
 
 def build(config: dict[str, Any], weights_dir: Path, device: Any) -> AMESReranker:
     """Registry factory: AMESReranker from config `[rerank]` (variant, checkpoint, shortlist, query_len, db_len,
     lam, gamma, batch_size)."""
-    rr = config.get("rerank", {})
+    rr = config["rerank"]  # a resolved model config: every key present (defaults: config/schema.py)
     model = load_ames(config, weights_dir, device)
-    d = DEFAULTS[model.variant]
-    return AMESReranker(model, shortlist_size=rr.get("shortlist", 100), query_len=rr.get("query_len", 600),
-                        db_len=rr.get("db_len", 50), lam=rr.get("lam", d["lam"]), gamma=rr.get("gamma", d["gamma"]),
-                        batch_size=rr.get("batch_size", 50))
+    return AMESReranker(model, shortlist_size=rr["shortlist"], query_len=rr["query_len"], db_len=rr["db_len"],
+                        lam=rr["lam"], gamma=rr["gamma"], batch_size=rr["batch_size"])

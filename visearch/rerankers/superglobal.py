@@ -115,7 +115,7 @@ def rerank(query: np.ndarray, database: np.ndarray, M: int = 400, K: int = 9, be
 
 
 class SuperGlobalReranker(Reranker):
-    """Reorders a cosine shortlist with SuperGlobal's refinement; scores are the final combined scores."""
+    """Reorders a cosine shortlist with SuperGlobal's refinement; `scores` are the final combined scores."""
 
     name = "superglobal"
 
@@ -131,7 +131,8 @@ class SuperGlobalReranker(Reranker):
     def rerank(self, query_global: np.ndarray, query_local: dict[str, np.ndarray] | None,
                shortlist: Shortlist, store: Any) -> Shortlist:
         """query_global `[nq, D]`; shortlist rows/sims `[nq, m]` best first (rows < 0 are padding and are dropped).
-        Returns the first min(m, M) rows of each query reordered, with their final scores."""
+        Returns the first min(m, M) rows of each query reordered, with their final scores in `scores` (the global
+        cosines of the same rows in `sims`)."""
         import torch
 
         rows_all = np.asarray(shortlist.rows)
@@ -141,6 +142,8 @@ class SuperGlobalReranker(Reranker):
         width = int(counts.max()) if nq else 0
         out_rows = np.full((nq, width), -1, np.int64)
         out_scores = np.full((nq, width), -np.inf, np.float32)
+        out_sims = np.full((nq, width), -np.inf, np.float32)
+        sims_all = np.asarray(shortlist.sims, np.float32)
         device = torch.device(self.device)
         qg = np.asarray(query_global, np.float32)
         with torch.inference_mode():
@@ -148,6 +151,7 @@ class SuperGlobalReranker(Reranker):
                 idx = range(start, min(nq, start + self.batch_size))
                 # one sorted, de-duplicated read from the store for the whole batch of queries
                 lists = [rows_all[i][valid[i]][:counts[i]] for i in idx]
+                sim_lists = [sims_all[i][valid[i]][:counts[i]] for i in idx]
                 uniq = np.unique(np.concatenate(lists)) if lists else np.zeros(0, np.int64)
                 if uniq.size == 0:
                     continue
@@ -160,12 +164,13 @@ class SuperGlobalReranker(Reranker):
                     order_np = order.cpu().numpy()
                     for g, j in enumerate(group):
                         out_rows[start + j, :m] = lists[j][order_np[g]]
+                        out_sims[start + j, :m] = sim_lists[j][order_np[g]]
                         out_scores[start + j, :m] = scores[g].float().cpu().numpy()
-        return Shortlist(rows=out_rows, sims=out_scores)
+        return Shortlist(rows=out_rows, sims=out_sims, scores=out_scores)
 
 
 def build(config: dict[str, Any], weights_dir: Path, device: Any) -> SuperGlobalReranker:
     """Factory (see registry.RERANKERS): M, K, beta from the config's [rerank] table."""
-    r = config.get("rerank", {})
-    return SuperGlobalReranker(M=int(r.get("M", 400)), K=int(r.get("K", 9)), beta=float(r.get("beta", 0.15)),
-                               device=device, batch_size=int(r.get("batch_size", 8)))
+    r = config["rerank"]  # a resolved model config: every key present (defaults: config/schema.py)
+    return SuperGlobalReranker(M=int(r["M"]), K=int(r["K"]), beta=float(r["beta"]), device=device,
+                               batch_size=int(r["batch_size"]))

@@ -156,6 +156,23 @@ class TokenGuard:
         return await self.app(scope, receive, send)
 
 
+class HostGuard:
+    """ASGI middleware for a loopback server without a token: requests must name a loopback host (Host header), so a
+    web page elsewhere cannot read this server through DNS rebinding (its name resolving to 127.0.0.1)."""
+
+    def __init__(self, app, hosts: set[str]):
+        self.app, self.hosts = app, {h.lower() for h in hosts}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1").lower()
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name not in self.hosts:
+                return await _send_json(send, 400, {"error": "unexpected Host header: open the page by its loopback "
+                                                             "address (http://127.0.0.1:PORT/)"})
+        return await self.app(scope, receive, send)
+
+
 class CatchAll:
     """Outermost ASGI wrapper: an unexpected exception becomes one log line (a 500 JSON answer was already sent by
     the app's handler), never a traceback on the console; VISEARCH_DEBUG=1 logs the traceback."""
@@ -175,8 +192,12 @@ def _static(name: str) -> bytes:
     return resources.files("visearch.serve").joinpath("static", name).read_bytes()
 
 
-def create_app(service: SearchService, token: str | None = None):
-    """The ASGI application serving `service` (token: required on /api/ when given)."""
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "[::1]"}
+
+
+def create_app(service: SearchService, token: str | None = None, allowed_hosts: set[str] | None = None):
+    """The ASGI application serving `service` (token: required on /api/ when given; allowed_hosts: the Host names
+    accepted, None = any)."""
     app = FastAPI(title="visearch", docs_url=None, redoc_url=None, openapi_url=None)
     static = {name: _static(name) for name in STATIC_FILES}  # read once: requests never reach the file system
 
@@ -232,7 +253,9 @@ def create_app(service: SearchService, token: str | None = None):
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=3600", "X-Image-Size": f"{w},{h}"})
 
-    return CatchAll(BodyLimit(TokenGuard(app, token) if token else app, service.options.max_upload_bytes))
+    inner = TokenGuard(app, token) if token else app
+    inner = HostGuard(inner, allowed_hosts) if allowed_hosts is not None else inner
+    return CatchAll(BodyLimit(inner, service.options.max_upload_bytes))
 
 
 def _default_names(service: SearchService, dataset: Any, model: Any) -> tuple[str, str]:
@@ -273,6 +296,7 @@ async def _read_query(request: Request, service: SearchService) -> QueryRequest:
         else:
             data = await upload.read()
             name = os.path.basename(upload.filename or "upload") or "upload"
+        await form.close()  # spooled temporary files go now, not at garbage collection
     else:
         raise UsageError("send multipart/form-data (field \"image\") or application/json (field \"id\")")
     ds, model = _default_names(service, fields.get("dataset"), fields.get("model"))

@@ -78,7 +78,10 @@ def serve(options: ServeOptions, host: str = "127.0.0.1", port: int = 8421, toke
 
     t0 = time.perf_counter()
     service = SearchService(options)
-    app = create_app(service, token)
+    from .app import LOOPBACK_HOSTS
+
+    # loopback without a token: only loopback Host names (DNS rebinding); with a token the token guards everything
+    app = create_app(service, token, allowed_hosts=None if token else LOOPBACK_HOSTS | {host})
     pairs = ", ".join(f"{d} [{m}]" for d, m in service.searchers)
     url = page_url(host, port)
     if not quiet:

@@ -292,10 +292,9 @@ class SearchService:
         opts = self.datasets[dataset].load_options()
         try:
             with Image.open(path) as im:
+                full = _exif_size(im) if opts.get("apply_exif", True) else im.size
                 im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale directly
                 rgb = load_rgb(im, name=image_id, **opts)
-            with Image.open(path) as im:
-                full = im.size if not opts.get("apply_exif", True) else _exif_size(im)
         except OSError:
             raise NotFound(f"image {image_id!r} of dataset {dataset!r} is missing on disk") from None
         pil = Image.fromarray(rgb)

@@ -35,7 +35,7 @@ class Detector(nn.Module):
 def load_detector(path: Path, channels: int = LOCAL_DIM) -> Detector:
     """An AMES detector checkpoint (dict key `state`) loaded strictly: cvnet_detector.pt (channels 1024) or
     dinov2_detector.pt (768, for DINOv2 ViT-B tokens); WeightsError naming the file otherwise."""
-    from ...weights import safe_torch_load
+    from ...weight_files import safe_torch_load
 
     kind = {1024: "CVNet", 768: "DINOv2"}.get(channels, f"{channels}-d")
     expect = {1024: "cvnet_detector.pt", 768: "dinov2_detector.pt"}.get(channels, "the detector")

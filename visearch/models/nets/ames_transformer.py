@@ -207,7 +207,7 @@ class AMES(nn.Module):
                         local_dim: int = LOCAL_DIM) -> "AMES":
         """Load an official AMES checkpoint (dict key `state`) strictly. Wrong variant, keys or shapes -> WeightsError.
         `local_dim`: 1024 for the CVNet checkpoints, 768 for the DINOv2 ones (dinov2_ames.pt, dinov2_ames_dist.pt)."""
-        from ...weights import safe_torch_load
+        from ...weight_files import safe_torch_load
 
         path = Path(path)
         obj = safe_torch_load(path)
@@ -368,19 +368,17 @@ def random_state(variant: str, seed: int = 0, local_dim: int = LOCAL_DIM) -> dic
     return out
 
 
-CHECKPOINTS = {"float": "r101_cvnet_ames.pt", "dist": "cvnet_ames_dist.pt"}
-
-
 def load_ames(config: dict[str, Any], weights_dir: Path, device: Any) -> AMES:
     """The AMES transformer named by config `[rerank]` (variant, checkpoint) from weights_dir."""
-    rr = config.get("rerank", {})
-    variant = rr.get("variant", "dist")
+    rr = config["rerank"]
+    variant = rr["variant"]
     if variant not in VARIANTS:
         raise UsageError(f"unknown AMES variant {variant!r} in config", "use 'float' or 'dist'")
-    path = Path(weights_dir) / rr.get("checkpoint", CHECKPOINTS[variant])
+    path = Path(weights_dir) / rr["checkpoint"]
     if not path.is_file():
-        raise WeightsError(f"AMES checkpoint not found: {path}",
-                           f"run `visearch weights download {config.get('name', path.name)}`")
+        from ...weight_files import download_hint
+
+        raise WeightsError(f"AMES checkpoint not found: {path}", download_hint(path.name, config.get("name")))
     model = AMES.from_checkpoint(path, variant, device, local_dim=int(rr.get("local_dim", LOCAL_DIM)))
     model.set_precision(rr.get("precision", "auto"))
     return model

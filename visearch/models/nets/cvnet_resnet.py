@@ -208,7 +208,7 @@ def load_cvnet_state(model: CVNetResNet, path: str | Path, require_head: bool = 
     Every tensor the backbone needs (BN `num_batches_tracked` excepted) must be present with the right shape;
     `require_head=False` lets a local-feature user skip `head.*`. Raises WeightsError naming the file otherwise."""
     from ...fsutil import sha256_file
-    from ...weights import safe_torch_load
+    from ...weight_files import safe_torch_load
 
     path = Path(path)
     state = extract_backbone_state(safe_torch_load(path), path)

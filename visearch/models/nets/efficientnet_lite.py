@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...errors import WeightsError
-from ...weights import safe_torch_load
+from ...weight_files import safe_torch_load
 
 WEIGHTS_FILE = "efficientnet-lite0-57934424.pth"
 DIM = 1280

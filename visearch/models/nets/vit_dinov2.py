@@ -177,7 +177,7 @@ def check_state(model: DinoV2ViT, state: Any, path: str | Path) -> dict[str, tor
 
 def load_dinov2(path: str | Path, depth: int = 12, device: Any = "cpu") -> DinoV2ViT:
     """The official `dinov2_vitb14_reg4_pretrain.pth` loaded strictly (weights_only); WeightsError otherwise."""
-    from ...weights import safe_torch_load
+    from ...weight_files import safe_torch_load
 
     with torch.device("meta"):  # built without memory or init; the checkpoint's tensors are assigned
         model = DinoV2ViT(depth=depth)

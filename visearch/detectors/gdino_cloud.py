@@ -58,13 +58,22 @@ _TOKEN_OK = re.compile(r"[\x21-\x7e]+")  # printable ASCII, no spaces: anything 
 
 def normalize_endpoint(endpoint: str | None = None) -> str:
     """`endpoint`, else $VISEARCH_GDINO_ENDPOINT, else the provider's; a bare host gets `https://`; no trailing /."""
-    ep = (endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT).strip().rstrip("/")
+    ep = (endpoint or os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT).strip()
+    hint = "give a host (api.deepdataspace.com) or a URL (http://127.0.0.1:8765)"
+    if re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]*:/*", ep):  # a scheme without a host, e.g. "http://"
+        raise UsageError(f"bad cloud detector endpoint {ep[:20]!r}: no host", hint)
+    ep = ep.rstrip("/")
     if "://" not in ep:
         ep = "https://" + ep
-    parts = urlsplit(ep)
+    if any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in ep):
+        raise UsageError("bad cloud detector endpoint: it contains spaces or control characters", hint)
+    try:
+        parts = urlsplit(ep)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range or not a number
+    except ValueError as e:
+        raise UsageError(f"bad cloud detector endpoint {_display_endpoint(ep)!r} ({e})", hint) from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"bad cloud detector endpoint {_display_endpoint(ep)!r}",
-                         "give a host (api.deepdataspace.com) or a URL (http://127.0.0.1:8765)")
+        raise UsageError(f"bad cloud detector endpoint {_display_endpoint(ep)!r}", hint)
     return ep
 
 
@@ -127,7 +136,7 @@ class _Retry(Exception):
         self.wait = wait
 
 
-class CloudDetector(Detector):
+class GDinoCloudDetector(Detector):
     """Boxes from the hosted Grounding DINO 1.5 / 1.6 Pro. `sleep` and `clock` are injectable so tests run fast."""
 
     name = "gdino-cloud"
@@ -165,7 +174,7 @@ class CloudDetector(Detector):
         self._clock = clock
 
     def __repr__(self) -> str:  # the token is deliberately absent
-        return f"CloudDetector(endpoint={_display_endpoint(self.endpoint)!r}, model={self.model!r})"
+        return f"GDinoCloudDetector(endpoint={_display_endpoint(self.endpoint)!r}, model={self.model!r})"
 
     # --- text hygiene -------------------------------------------------------------------------------------------
     def _scrub(self, text: Any, limit: int = 200) -> str:
@@ -310,7 +319,7 @@ def build(token: str | None = None, token_file: str | Path | None = None, endpoi
           model: str | None = None, box_threshold: float | None = None, iou_threshold: float | None = None,
           default_prompt: str | None = None, timeout: float | None = None, poll_timeout: float | None = None,
           max_retries: int | None = None, device: Any = None, weights_dir: Any = None,
-          **options: Any) -> CloudDetector:
+          **options: Any) -> GDinoCloudDetector:
     """Options: `token` or `token_file` (else $VISEARCH_GDINO_TOKEN), `endpoint` (else $VISEARCH_GDINO_ENDPOINT, else
     https://api.deepdataspace.com), `model` ("GroundingDino-1.6-Pro"), `box_threshold` (0.25), `iou_threshold`
     (0.8), `default_prompt` (None = DEFAULT_PROMPT, "" = user prompt only), `timeout` (10 s per request),
@@ -322,6 +331,6 @@ def build(token: str | None = None, token_file: str | Path | None = None, endpoi
     given = {"model": model, "box_threshold": box_threshold, "iou_threshold": iou_threshold, "timeout": timeout,
              "poll_timeout": poll_timeout, "max_retries": max_retries}
     kw: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    return CloudDetector(load_token(token, token_file), endpoint,
+    return GDinoCloudDetector(load_token(token, token_file), endpoint,
                          default_prompt=DEFAULT_PROMPT if default_prompt is None else default_prompt,
                          **kw, **{k: v for k, v in extra.items() if v is not None})

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visearch.detectors.dds_cloud import CloudDetector, build, encode_image, load_token, normalize_endpoint
+from visearch.detectors.gdino_cloud import GDinoCloudDetector, build, encode_image, load_token, normalize_endpoint
 from visearch.errors import DetectorError, UsageError
 from visearch.registry import load_detector
 
@@ -110,11 +110,11 @@ def _no_leak(caplog, capsys):
     assert TOKEN not in out.out and TOKEN not in out.err
 
 
-def _det(fake: FakeDDS, sleeps: list, **kw) -> CloudDetector:
+def _det(fake: FakeDDS, sleeps: list, **kw) -> GDinoCloudDetector:
     opts = {"token": TOKEN, "endpoint": fake.url, "poll_interval": 0.0, "backoff": 0.01, "max_retries": 3,
             "sleep": sleeps.append}
     opts.update(kw)
-    return CloudDetector(**opts)
+    return GDinoCloudDetector(**opts)
 
 
 def _img(h: int = 240, w: int = 320) -> np.ndarray:
@@ -223,7 +223,7 @@ def test_connection_refused(sleeps):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()  # nothing listens there now
-    det = CloudDetector(TOKEN, f"http://127.0.0.1:{port}", max_retries=1, sleep=sleeps.append, backoff=0.0)
+    det = GDinoCloudDetector(TOKEN, f"http://127.0.0.1:{port}", max_retries=1, sleep=sleeps.append, backoff=0.0)
     e = _raises(lambda: det.detect(_img(), "bag"), "cannot connect to http://127.0.0.1")
     assert "after 2 tries" in e.message
 

@@ -1,0 +1,208 @@
+"""`spatial`: weight-free spatial verification of a global shortlist with RootSIFT (visearch.models.sift).
+
+For each query crop and each of the first `shortlist` global candidates (100 by default):
+1. tentative matches: each query keypoint's nearest database keypoint by RootSIFT (cosine on the unit vectors), kept
+   when it passes Lowe's ratio test (distance to the nearest < `ratio` x distance to the second nearest) and, with
+   `mutual`, when the query keypoint is also the database keypoint's nearest;
+2. geometric verification: OpenCV USAC with MAGSAC++ scoring (`model` "affine" or "homography"; reprojection
+   `threshold` in pixels of the capped images, a fixed `seed`, `max_iters`, `confidence`), giving the inlier count;
+3. fused score (documented in README and configs/models/lite-sv.toml):
+       score = g + weight * min(n, cap) / cap,  n = inliers if inliers >= min_inliers else 0,
+   g the global cosine similarity. Verified candidates move ahead of unverified ones by up to `weight`; among
+   candidates without `min_inliers` inliers (and among those past `cap`) the global order decides.
+Deterministic: each pair's RANSAC starts from the same seed, whatever the order or the number of threads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelError, UsageError
+from ..models.sift import unpack_rootsift
+from .base import Reranker, Shortlist
+
+DEFAULTS: dict[str, Any] = {"shortlist": 100, "ratio": 0.8, "mutual": True, "model": "affine", "threshold": 8.0,
+                            "confidence": 0.999, "max_iters": 1000, "seed": 0, "min_matches": 6, "min_inliers": 6,
+                            "cap": 50, "weight": 1.0, "batch": 16}
+MODELS = ("affine", "homography")
+
+
+def fused_scores(global_sims: np.ndarray, inliers: np.ndarray, weight: float, cap: int, min_inliers: int) -> np.ndarray:
+    """`g + weight * min(n, cap) / cap` with `n = inliers` where `inliers >= min_inliers`, else 0 (float64)."""
+    n = np.asarray(inliers, np.float64)
+    n = np.where(n >= min_inliers, np.minimum(n, cap), 0.0)
+    return np.asarray(global_sims, np.float64) + weight * n / float(cap)
+
+
+def unpack_local(kp_desc: np.ndarray, kp_xy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One image's stored fields -> (RootSIFT `[n, 128]` float32, xy `[n, 2]` float32) without the padding rows."""
+    xy = np.asarray(kp_xy, np.float32)
+    valid = ~np.isnan(xy[:, 0])
+    return unpack_rootsift(np.asarray(kp_desc)[valid]), xy[valid]
+
+
+@dataclass
+class SpatialReranker(Reranker):
+    """RootSIFT matching + USAC MAGSAC++ verification of the first `shortlist_size` candidates (see module doc)."""
+
+    name = "spatial"
+
+    shortlist_size: int = 100
+    ratio: float = 0.8
+    mutual: bool = True
+    model: str = "affine"
+    threshold: float = 8.0
+    confidence: float = 0.999
+    max_iters: int = 1000
+    seed: int = 0
+    min_matches: int = 6
+    min_inliers: int = 6
+    cap: int = 50
+    weight: float = 1.0
+    batch: int = 16
+
+    def __post_init__(self) -> None:
+        if self.model not in MODELS:
+            raise UsageError(f"unknown spatial model {self.model!r}", f"use one of {', '.join(MODELS)}")
+        if not (0 < self.ratio <= 1) or self.cap < 1 or self.threshold <= 0 or self.shortlist_size < 0:
+            raise UsageError("bad [rerank] settings for spatial",
+                             "need 0 < ratio <= 1, cap >= 1, threshold > 0, shortlist >= 0")
+        self.min_matches = max(int(self.min_matches), 3 if self.model == "affine" else 4)
+
+    # ---- matching ---------------------------------------------------------------------------------------------------
+    def matches(self, q_desc: np.ndarray, db_desc: np.ndarray, db_valid: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Tentative matches of one query `[nq, 128]` against B database images `[B, K, 128]` (valid `[B, K]`):
+        per image (query indices, database indices)."""
+        import torch
+
+        B, K = db_desc.shape[:2]
+        nq = len(q_desc)
+        if nq == 0 or K == 0 or B == 0:
+            return [(np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in range(B)]
+        q = torch.from_numpy(np.ascontiguousarray(q_desc, np.float32))
+        d = torch.from_numpy(np.ascontiguousarray(db_desc, np.float32))
+        sim = torch.matmul(q[None], d.transpose(1, 2))  # [B, nq, K]
+        sim.masked_fill_(~torch.from_numpy(np.ascontiguousarray(db_valid))[:, None, :], -4.0)
+        if K >= 2 and self.ratio < 1:
+            top = torch.topk(sim, 2, dim=2)  # [B, nq, 2]
+            s1, nn1 = top.values[..., 0], top.indices[..., 0]
+            # unit vectors: squared distance 2 - 2 cos; Lowe's ratio test on distances
+            d1 = (2.0 - 2.0 * s1).clamp_min(0)
+            d2 = (2.0 - 2.0 * top.values[..., 1]).clamp_min(0)
+            ok = (s1 > -2.0) & (d1 < (self.ratio ** 2) * d2)
+        else:
+            s1, nn1 = sim.max(dim=2)
+            ok = s1 > -2.0
+        if self.mutual:
+            back = sim.argmax(dim=1)  # [B, K]: best query keypoint for each database keypoint
+            ok &= back.gather(1, nn1) == torch.arange(nq)[None, :]
+        ok_np, nn_np = ok.numpy(), nn1.numpy()
+        out = []
+        for b in range(B):
+            qi = np.nonzero(ok_np[b])[0]
+            out.append((qi, nn_np[b, qi].astype(np.int64)))
+        return out
+
+    # ---- verification -----------------------------------------------------------------------------------------------
+    def _params(self):
+        import cv2
+
+        p = cv2.UsacParams()
+        p.confidence = float(self.confidence)
+        p.maxIterations = int(self.max_iters)
+        p.threshold = float(self.threshold)
+        p.randomGeneratorState = int(self.seed)
+        p.isParallel = False
+        p.sampler = cv2.SAMPLING_UNIFORM
+        p.score = cv2.SCORE_METHOD_MAGSAC
+        p.loMethod = cv2.LOCAL_OPTIM_SIGMA
+        p.loIterations = 10
+        p.loSampleSize = 14 if self.model == "affine" else 28
+        p.final_polisher = cv2.MAGSAC
+        p.final_polisher_iterations = 10
+        return p
+
+    def inliers(self, src: np.ndarray, dst: np.ndarray) -> int:
+        """Inlier count of the robust model fitted to matched points `[n, 2]` (0 when too few matches or no model)."""
+        import cv2
+
+        if len(src) < self.min_matches:
+            return 0
+        src = np.ascontiguousarray(src, np.float32).reshape(-1, 1, 2)
+        dst = np.ascontiguousarray(dst, np.float32).reshape(-1, 1, 2)
+        try:
+            if self.model == "affine":
+                model, mask = cv2.estimateAffine2D(src, dst, params=self._params())
+            else:
+                model, mask = cv2.findHomography(src, dst, params=self._params())
+        except cv2.error:
+            return 0
+        if model is None or mask is None:
+            return 0
+        return int(np.count_nonzero(mask))
+
+    def verify(self, q_desc: np.ndarray, q_xy: np.ndarray, kp_desc: np.ndarray, kp_xy: np.ndarray) -> np.ndarray:
+        """Inlier counts `[B]` of one query (RootSIFT `[nq, 128]`, xy `[nq, 2]`) against B stored images
+        (`kp_desc` `[B, K, 64]` packed, `kp_xy` `[B, K, 2]` float16 with NaN padding)."""
+        import cv2
+
+        cv2.setNumThreads(1)  # USAC runs single-threaded per pair (isParallel = False) and gives the same answer
+        B = len(kp_desc)
+        out = np.zeros(B, np.int64)
+        for a in range(0, B, max(1, self.batch)):
+            b = min(B, a + max(1, self.batch))
+            xy = np.asarray(kp_xy[a:b], np.float32)
+            valid = ~np.isnan(xy[..., 0])
+            desc = unpack_rootsift(kp_desc[a:b])
+            for j, (qi, di) in enumerate(self.matches(q_desc, desc, valid)):
+                if len(qi) >= self.min_matches:
+                    out[a + j] = self.inliers(q_xy[qi], xy[j, di])
+        return out
+
+    # ---- reranking --------------------------------------------------------------------------------------------------
+    def rerank(self, query_global: np.ndarray, query_local: dict[str, np.ndarray] | None,
+               shortlist: Shortlist, store: Any) -> Shortlist:
+        """Shortlist reordered: first k by the fused score (their `sims` become that score), the rest as given."""
+        rows = np.asarray(shortlist.rows)
+        sims = np.asarray(shortlist.sims, np.float32)
+        k = min(self.shortlist_size, rows.shape[1])
+        if k == 0:
+            return Shortlist(rows=rows.copy(), sims=sims.copy())
+        if query_local is None or "kp_desc" not in query_local or "kp_xy" not in query_local:
+            raise ModelError("spatial reranking needs the query's RootSIFT fields 'kp_desc' and 'kp_xy'",
+                             "use a model whose config has [local] kind = \"rootsift\" (e.g. lite-sv)")
+        new_rows, new_sims = rows.copy(), sims.copy()
+        for i in range(rows.shape[0]):
+            local = store.read_local(rows[i, :k])
+            if "kp_desc" not in local or "kp_xy" not in local:
+                raise ModelError("the store has no RootSIFT local fields",
+                                 "extract the collection with a model whose config has [local] kind = \"rootsift\"")
+            q_desc, q_xy = unpack_local(query_local["kp_desc"][i], query_local["kp_xy"][i])
+            inl = self.verify(q_desc, q_xy, local["kp_desc"], local["kp_xy"])
+            s = fused_scores(sims[i, :k], inl, self.weight, self.cap, self.min_inliers)
+            order = np.argsort(-s, kind="stable")
+            new_rows[i, :k] = rows[i, :k][order]
+            new_sims[i, :k] = s[order].astype(np.float32)
+        return Shortlist(rows=new_rows, sims=new_sims)
+
+
+def from_config(rr: dict[str, Any]) -> SpatialReranker:
+    c = {**DEFAULTS, **{k: v for k, v in rr.items() if k != "name"}}
+    unknown = sorted(set(c) - set(DEFAULTS))
+    if unknown:
+        raise UsageError(f"unknown [rerank] keys for spatial: {', '.join(unknown)}", f"known: {', '.join(DEFAULTS)}")
+    return SpatialReranker(shortlist_size=int(c["shortlist"]), ratio=float(c["ratio"]), mutual=bool(c["mutual"]),
+                           model=str(c["model"]), threshold=float(c["threshold"]), confidence=float(c["confidence"]),
+                           max_iters=int(c["max_iters"]), seed=int(c["seed"]), min_matches=int(c["min_matches"]),
+                           min_inliers=int(c["min_inliers"]), cap=int(c["cap"]), weight=float(c["weight"]),
+                           batch=int(c["batch"]))
+
+
+def build(config: dict[str, Any], weights_dir: Any, device: Any) -> SpatialReranker:
+    """Registry factory: SpatialReranker from config `[rerank]` (weight-free; weights_dir and device unused)."""
+    if config.get("local", {}).get("kind") != "rootsift":
+        raise UsageError(f"model {config.get('name')!r} uses the spatial reranker without RootSIFT local features",
+                         "add [local] kind = \"rootsift\" to its config")
+    return from_config(config.get("rerank", {}))
