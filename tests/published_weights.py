@@ -11,6 +11,10 @@ end-to-end runs of the superglobal-r50 / superglobal-r101 / ames-dist / ames-flo
   itq_r101_cvnet_D128.npz                             {"proj": [1024, 128]}, the ITQ projection the dist checkpoint
                                                       carries as remap_local.0.W (the prototype downloads it too)
   grounding-dino-tiny/                                a ~1 MB random Grounding DINO folder (tests/gdino_tiny.py)
+  dinov2_vitb14_reg4_pretrain.pth                     flat DINOv2 ViT-B/14-reg4 state_dict (350 MB; only with
+                                                      which=DINOV2)
+  dinov2_detector.pt                                  {"state": AMES DINOv2 detector (768 channels)}
+  dinov2_ames.pt, dinov2_ames_dist.pt                 {"state": AMES transformer for 768-d local descriptors}
 
 That is every item of the weights manifest a model or the default detector needs (`weights download` for each model
 in the README, and the files the seed prototype fetched), so loaders meet the folder a user really has; a test checks
@@ -25,12 +29,20 @@ import torch
 
 from tests.helpers_ckpt import make_cvnet_checkpoint
 from visearch.config import load_model_config
+from visearch.models.ames_dinov2 import FILES as DINO_FILES
 from visearch.models.nets.ames_transformer import random_state
 
-SEEDS = {"r50": 0, "r101": 1, "detector": 2, "float": 3, "dist": 4}
+SEEDS = {"r50": 0, "r101": 1, "detector": 2, "float": 3, "dist": 4, "dinov2": 5, "dinov2_detector": 6,
+         "dinov2_float": 7, "dinov2_dist": 8}
 FILES = {"r50": "CVPR2022_CVNet_R50.pyth", "r101": "CVPR2022_CVNet_R101.pyth", "detector": "cvnet_detector.pt",
          **{v: load_model_config(f"ames-{v}")["rerank"]["checkpoint"] for v in ("float", "dist")},
          "itq": "itq_r101_cvnet_D128.npz", "gdino": "grounding-dino-tiny"}
+CVNET = tuple(FILES)  # the files of the CVNet-based models and the default detector
+# ames-dinov2 / ames-dinov2-dist / dinov2 (written only by the tests that need them: the ViT-B file is 350 MB)
+DINO = {"dinov2": DINO_FILES["backbone"], "dinov2_detector": DINO_FILES["detector"],
+        "dinov2_float": DINO_FILES["ames_float"], "dinov2_dist": DINO_FILES["ames_dist"]}
+DINOV2 = ("r101", *DINO)
+FILES.update(DINO)
 
 
 def detector_state(seed: int, channels: int = 1024) -> dict[str, torch.Tensor]:
@@ -48,7 +60,7 @@ def detector_state(seed: int, channels: int = 1024) -> dict[str, torch.Tensor]:
             "conv2.bias": f(1, scale=0.1)}
 
 
-def write_weights_dir(path: str | Path, which: tuple[str, ...] = tuple(FILES)) -> Path:
+def write_weights_dir(path: str | Path, which: tuple[str, ...] = CVNET) -> Path:
     """Write the random official-format files named by `which` (keys of FILES) into `path`; returns `path`.
     Files already there are kept (the content depends only on the seeds)."""
     path = Path(path)
@@ -69,6 +81,14 @@ def write_weights_dir(path: str | Path, which: tuple[str, ...] = tuple(FILES)) -
             make_cvnet_checkpoint(tmp, 50 if key == "r50" else 101, SEEDS[key])
         elif key == "detector":
             torch.save({"state": detector_state(SEEDS[key])}, tmp)
+        elif key == "dinov2":
+            from visearch.models.nets.vit_dinov2 import random_state as vit_state
+
+            torch.save(vit_state(SEEDS[key]), tmp)
+        elif key == "dinov2_detector":
+            torch.save({"state": detector_state(SEEDS[key], channels=768)}, tmp)
+        elif key.startswith("dinov2_"):
+            torch.save({"state": random_state(key.split("_")[1], SEEDS[key], local_dim=768)}, tmp)
         else:
             torch.save({"state": random_state(key, SEEDS[key])}, tmp)
         tmp.replace(dst)

@@ -115,6 +115,8 @@ def machine_info(device: Any = None) -> dict[str, Any]:
     """What the figures were measured on: CPU model and cores, RAM, GPU, OS, Python, torch/CUDA versions, threads."""
     import torch
 
+    from .device import cpu_has_bf16
+
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -140,6 +142,7 @@ def machine_info(device: Any = None) -> dict[str, Any]:
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
         "torch_threads": torch.get_num_threads(),
+        "cpu_bf16": cpu_has_bf16(),  # AVX-512-BF16 / AMX: where AMES reranks in bf16 (precision = "auto")
         "device": str(device) if device is not None else "cpu",
         "gpu": None,
         "gpu_memory_gb": None,
@@ -300,6 +303,7 @@ def bench_model(dataset: str, model: str, *, data_dir: str | Path | None = None,
         nb = store.nbytes()
         rows = len(store)
         reranker = searcher.reranker.name if searcher.reranker is not None else None
+        rerank_precision = searcher.reranker.precision if searcher.reranker is not None else None
     bpi = {"global": nb["global"] / rows, "local": nb["local"] / rows, "total_on_disk": nb["total_on_disk"] / rows}
     out.update(
         load_s=round(model_load_s + searcher_load_s, 4),
@@ -312,7 +316,7 @@ def bench_model(dataset: str, model: str, *, data_dir: str | Path | None = None,
         query_ms={s: stats_ms(v) for s, v in per_stage.items()},
         queries={"n": queries, "warmup": warmup, "images": qkind, "distinct": len(qimgs),
                  "crops_per_query": round(float(np.mean(crops)), 3), "detector": searcher.detector_name,
-                 "reranker": reranker, "top_k": top_k},
+                 "reranker": reranker, "rerank_precision": rerank_precision, "top_k": top_k},
         peak_ram_mb=round(mem.ram_mb, 1),
         ram_at_start_mb=round(mem.start_ram_mb, 1),
         ram_peak_scope=mem.scope,
@@ -718,7 +722,7 @@ def tables(result: dict[str, Any]) -> list[Any]:
     for c in ("model", "load s", "img/s", "query ms", "p95 ms", "RAM MB", "GPU MB", "B/img G", "B/img L", "GB/1M"):
         t.add_column(c, justify="left" if c == "model" else "right")
     stage_t = Table(title="query latency per stage, ms", title_justify="left")
-    for c in ("model", "stat") + STAGES + ("crops",):
+    for c in ("model", "stat") + STAGES + ("crops", "rerank in"):
         stage_t.add_column(c, justify="left" if c in ("model", "stat") else "right")
     acc_t = Table(title="accuracy, % (revisitop); mP@k for Medium", title_justify="left")
     for c in ("model", "search", "mAP E", "mAP M", "mAP H", "mP@1", "mP@5", "mP@10"):
@@ -736,7 +740,8 @@ def tables(result: dict[str, Any]) -> list[Any]:
                   _f(r["bytes_per_image"]["local"], 0), _f(proj["global"] + proj["local"], 2))
         for stat in ("median", "p95"):
             stage_t.add_row(name if stat == "median" else "", stat, *[f"{q[s][stat]:.2f}" for s in STAGES],
-                            _f(r["queries"]["crops_per_query"], 1) if stat == "median" else "")
+                            _f(r["queries"]["crops_per_query"], 1) if stat == "median" else "",
+                            (r["queries"].get("rerank_precision") or "-") if stat == "median" else "")
         for kind in ("global", "reranked"):
             if r.get("map") and r["map"].get(kind):
                 any_acc = True

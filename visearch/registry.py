@@ -13,6 +13,8 @@ MODEL_FAMILIES = {
     "lite": "visearch.models.lite:build",
     "superglobal": "visearch.models.superglobal:build",
     "ames": "visearch.models.ames:build",
+    "dinov2": "visearch.models.dinov2:build",
+    "ames-dinov2": "visearch.models.ames_dinov2:build",
 }
 
 # reranker name -> "module:function"; build(config, weights_dir, device) -> Reranker

@@ -49,12 +49,35 @@ class SuperGlobalDescribe:
     precision: str = "fp32"
 
 
+@dataclass
+class DinoV2Describe:
+    """visearch/models/dinov2.py (`dinov2`): CLS token or GeM over the patch tokens."""
+
+    pooling: str = "cls"
+    gem_p: float = 3.0
+    imsize: int = 0
+    batch_size: int = _not_identity(8)
+
+
+@dataclass
+class AMESDinoV2Describe(SuperGlobalDescribe):
+    """visearch/models/ames_dinov2.py: the global stage ("superglobal" on CVNet R101, or "cls") + SuperGlobal's keys."""
+
+    global_stage: str = "superglobal"
+
+
 # ---- [local] (models with local features) ----------------------------------------------------------------------------
 @dataclass
 class AMESLocal:
     scales: list[float] = field(default_factory=_scales)
     topk: int = 700
     max_side: int = 0
+
+
+@dataclass
+class AMESDinoV2Local:
+    topk: int = 700
+    imsize: int = 0
 
 
 @dataclass
@@ -87,6 +110,19 @@ class AMESWeights:
     itq: str = "itq_r101_cvnet_D128.npz"
 
 
+@dataclass
+class DinoV2Weights:
+    backbone: str = "dinov2_vitb14_reg4_pretrain.pth"
+
+
+@dataclass
+class AMESDinoV2Weights:
+    backbone: str = "dinov2_vitb14_reg4_pretrain.pth"
+    detector: str = "dinov2_detector.pt"
+    global_backbone: str = "CVPR2022_CVNet_R101.pyth"
+    itq: str = "itq_dinov2_D128.npz"
+
+
 # ---- [rerank] --------------------------------------------------------------------------------------------------------
 @dataclass
 class NoRerank:
@@ -113,6 +149,8 @@ class AMESRerank:
     lam: float = 0.65
     gamma: float = 0.20
     batch_size: int = 50
+    local_dim: int = 1024       # 768 for the DINOv2 checkpoints
+    precision: str = "auto"     # auto (bf16 where the CPU/GPU has it) | fp32 | bf16 | fp16
 
 
 @dataclass
@@ -163,6 +201,9 @@ FAMILIES: dict[str, Family] = {
                                                                     "none": NoRerank, "spatial": SpatialRerank},
                           optional_local=SiftLocal),
     "ames": Family(SuperGlobalDescribe, AMESWeights, {"ames": AMESRerank, "none": NoRerank}, local=AMESLocal),
+    "dinov2": Family(DinoV2Describe, DinoV2Weights, {"none": NoRerank}),
+    "ames-dinov2": Family(AMESDinoV2Describe, AMESDinoV2Weights, {"ames": AMESRerank, "none": NoRerank},
+                          local=AMESDinoV2Local),
 }
 FILE_KEYS = ("family", "alias_of", "extends")  # keys of a config file outside its tables
 

@@ -60,6 +60,10 @@ class AMESReranker(Reranker):
         self.gamma = float(gamma)
         self.batch_size = int(batch_size)
 
+    @property
+    def precision(self) -> str:  # type: ignore[override]
+        return self.model.precision
+
     def logits(self, query_local: dict[str, np.ndarray], shortlist: Shortlist, store: Any) -> np.ndarray:
         """AMES logits [nq, k] for the first k = min(shortlist_size, M) candidates of each query."""
         for key in ("tokens", "mask"):

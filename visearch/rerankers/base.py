@@ -51,6 +51,8 @@ class Reranker(RerankerProtocol):
     name: str = "none"
     shortlist_size: int = 100
     junk_behind_shortlist: bool = False
+    # arithmetic the reranker runs in ("fp32", "bf16", "fp16"; AMES chooses it per machine), reported by bench
+    precision: str = "fp32"
 
     def rerank(self, query_global: np.ndarray, query_local: dict[str, np.ndarray] | None,
                shortlist: Shortlist, store: Any) -> Shortlist:

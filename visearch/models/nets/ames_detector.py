@@ -1,6 +1,7 @@
-"""AMES's local-feature detector for CVNet features (Suma et al., ECCV 2024, arXiv 2408.03282; checkpoint
-`cvnet_detector.pt`, a dict whose key `state` holds conv1.*, bn.*, conv2.*). Our own implementation, loaded strictly.
-Used by visearch/models/ames.py to pick and weight the local descriptors of CVNet's stage 3.
+"""AMES's local-feature detector (Suma et al., ECCV 2024, arXiv 2408.03282; checkpoints `cvnet_detector.pt` for
+CVNet's 1024-d features and `dinov2_detector.pt` for DINOv2's 768-d tokens, each a dict whose key `state` holds
+conv1.*, bn.*, conv2.*). Our own implementation, loaded strictly. Used by visearch/models/ames.py and
+visearch/models/ames_dinov2.py to pick and weight the local descriptors.
 """
 from __future__ import annotations
 
@@ -31,24 +32,27 @@ class Detector(nn.Module):
         return desc, F.softplus(self.conv2(F.relu(x)), beta=1, threshold=20)
 
 
-def load_detector(path: Path) -> Detector:
-    """cvnet_detector.pt (dict key `state`) loaded strictly; WeightsError naming the file otherwise."""
+def load_detector(path: Path, channels: int = LOCAL_DIM) -> Detector:
+    """An AMES detector checkpoint (dict key `state`) loaded strictly: cvnet_detector.pt (channels 1024) or
+    dinov2_detector.pt (768, for DINOv2 ViT-B tokens); WeightsError naming the file otherwise."""
     from ...weight_files import safe_torch_load
 
+    kind = {1024: "CVNet", 768: "DINOv2"}.get(channels, f"{channels}-d")
+    expect = {1024: "cvnet_detector.pt", 768: "dinov2_detector.pt"}.get(channels, "the detector")
     obj = safe_torch_load(path)
     state = obj.get("state") if isinstance(obj, dict) else None
-    det = Detector()
+    det = Detector(channels)
     if not isinstance(state, dict):
         raise WeightsError(f"{path} is not an AMES detector checkpoint (no `state` dict)",
-                           "expected cvnet_detector.pt from the AMES release")
+                           f"expected {expect} from the AMES release")
     expected = det.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
-        raise WeightsError(f"{path} does not match the AMES CVNet detector (missing {missing[:3]}, "
-                           f"unexpected {unexpected[:3]})", "expected cvnet_detector.pt from the AMES release")
+        raise WeightsError(f"{path} does not match the AMES {kind} detector (missing {missing[:3]}, "
+                           f"unexpected {unexpected[:3]})", f"expected {expect} from the AMES release")
     for k, v in expected.items():
         if not isinstance(state[k], torch.Tensor) or tuple(state[k].shape) != tuple(v.shape):
             raise WeightsError(f"{path}: {k} has shape {tuple(getattr(state[k], 'shape', ()))}, expected "
-                               f"{tuple(v.shape)}", "this detector is not for CVNet's 1024-d features")
+                               f"{tuple(v.shape)}", f"this detector is not for {kind}'s {channels}-d features")
     det.load_state_dict(state, strict=True)
     return det

@@ -185,12 +185,28 @@ class AMES(nn.Module):
             self.remap_local = nn.Sequential(nn.Linear(local_dim, MODEL_DIM), nn.LayerNorm(MODEL_DIM))
         self.decoder = _Decoder()
         self.classifier = nn.Linear(MODEL_DIM, 1)
+        self.autocast: torch.dtype | None = None  # fp32 unless set_precision chose bf16 / fp16
         self.eval()
+
+    def set_precision(self, precision: str = "auto") -> str:
+        """Transformer arithmetic: `fp32` (what the parity tests use), `bf16` / `fp16` autocast, or `auto` (bf16 on
+        CPUs with native bf16, i.e. AVX-512-BF16 / AMX, and bf16-capable GPUs; fp32 elsewhere). Returns the name
+        of what was chosen ("fp32", "bf16" or "fp16")."""
+        from ...device import autocast_dtype
+
+        self.autocast = autocast_dtype(precision, self.device)
+        return self.precision
+
+    @property
+    def precision(self) -> str:
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.autocast]
 
     # ---- loading -------------------------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path: str | Path, variant: str = "dist", device: Any = "cpu") -> "AMES":
-        """Load an official AMES checkpoint (dict key `state`) strictly. Wrong variant, keys or shapes -> WeightsError."""
+    def from_checkpoint(cls, path: str | Path, variant: str = "dist", device: Any = "cpu",
+                        local_dim: int = LOCAL_DIM) -> "AMES":
+        """Load an official AMES checkpoint (dict key `state`) strictly. Wrong variant, keys or shapes -> WeightsError.
+        `local_dim`: 1024 for the CVNet checkpoints, 768 for the DINOv2 ones (dinov2_ames.pt, dinov2_ames_dist.pt)."""
         from ...weight_files import safe_torch_load
 
         path = Path(path)
@@ -199,10 +215,10 @@ class AMES(nn.Module):
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise WeightsError(f"{path} is not an AMES checkpoint (no `state` dict of tensors)",
                                "use r101_cvnet_ames.pt (float) or cvnet_ames_dist.pt (dist)")
-        model = cls(variant)
+        model = cls(variant, local_dim)
         expected = model.state_dict()
         other = "float" if variant == "dist" else "dist"
-        if set(state) == set(cls(other).state_dict()) and set(state) != set(expected):
+        if set(state) == set(cls(other, local_dim).state_dict()) and set(state) != set(expected):
             raise WeightsError(f"{path} is an AMES {other} checkpoint, but the {variant} variant was requested",
                                f"use the ames-{other} model or the {variant} checkpoint")
         missing = sorted(set(expected) - set(state))
@@ -215,8 +231,13 @@ class AMES(nn.Module):
                                "the file is not an official AMES checkpoint for this variant")
         for key, ref in expected.items():
             if tuple(state[key].shape) != tuple(ref.shape):
+                dims = {1024: "CVNet (1024-d)", 768: "DINOv2 (768-d)"}
+                got = [d for d in state[key].shape if d in dims and d != local_dim]
+                hint = (f"it is an AMES checkpoint for {dims[got[0]]} local descriptors, this model reads "
+                        f"{dims.get(local_dim, f'{local_dim}-d')} ones" if got and key.startswith("remap_local.0")
+                        else "the file is not an official AMES checkpoint for this variant")
                 raise WeightsError(f"{path}: {key} has shape {tuple(state[key].shape)}, expected {tuple(ref.shape)}",
-                                   "the file is not an official AMES checkpoint for this variant")
+                                   hint)
             if not state[key].is_floating_point() or not torch.isfinite(state[key]).all():
                 raise WeightsError(f"{path}: {key} is not a finite floating-point tensor", "download the file again")
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
@@ -288,9 +309,10 @@ class AMES(nn.Module):
         xq, xt = q, t
         aq, at = ~q_mask, ~t_mask
         layers = self.decoder.layers
-        for i, layer in enumerate(layers):
-            m, xq, xt = layer(m, xq, xt, aq, at, last=i == len(layers) - 1)
-        return self.classifier(m[:, 0]).view(-1)
+        with torch.autocast(self.device.type, dtype=self.autocast or torch.float32, enabled=self.autocast is not None):
+            for i, layer in enumerate(layers):
+                m, xq, xt = layer(m, xq, xt, aq, at, last=i == len(layers) - 1)
+            return self.classifier(m[:, 0]).view(-1).float()
 
     @torch.no_grad()
     def score(self, q_desc: Any, q_mask: Any, db_desc: Any, db_mask: Any) -> np.ndarray:
@@ -321,14 +343,14 @@ class AMES(nn.Module):
         return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
 
 
-def random_state(variant: str, seed: int = 0) -> dict[str, torch.Tensor]:
+def random_state(variant: str, seed: int = 0, local_dim: int = LOCAL_DIM) -> dict[str, torch.Tensor]:
     """A random AMES state_dict in the official layout (for tests and benchmarks; no real weights are shipped).
 
     Drawn with numpy's legacy RandomState so the numbers are the same on every platform. Scales keep activations
     O(1) so that logits spread over a few units instead of collapsing onto the bias."""
     rs = np.random.RandomState(seed)
     out: dict[str, torch.Tensor] = {}
-    for key, ref in AMES(variant).state_dict().items():
+    for key, ref in AMES(variant, local_dim).state_dict().items():
         shape = tuple(ref.shape)
         if key.endswith("remap_local.0.W"):
             val = rs.standard_normal(shape)  # x @ W ~ N(0, 1) for unit x
@@ -357,4 +379,6 @@ def load_ames(config: dict[str, Any], weights_dir: Path, device: Any) -> AMES:
         from ...weight_files import download_hint
 
         raise WeightsError(f"AMES checkpoint not found: {path}", download_hint(path.name, config.get("name")))
-    return AMES.from_checkpoint(path, variant, device)
+    model = AMES.from_checkpoint(path, variant, device, local_dim=int(rr.get("local_dim", LOCAL_DIM)))
+    model.set_precision(rr.get("precision", "auto"))
+    return model
