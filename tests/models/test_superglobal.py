@@ -199,7 +199,8 @@ def test_default_file_in_weights_dir_and_registry(tmp_path, ckpt, images):
     (tmp_path / "CVPR2022_CVNet_R50.pyth").symlink_to(ckpt[50])
     model = visearch.registry.load_model("superglobal-r50", weights_dir=tmp_path, device="cpu")
     assert model.name == "superglobal-r50" and model.dim == 2048 and len(model.weights_sha256) == 64
-    assert model.config["rerank"] == {"name": "superglobal", "M": 400, "K": 9, "beta": 0.15}
+    # every key of the schema is present: the file's M / K / beta and the default batch_size
+    assert model.config["rerank"] == {"name": "superglobal", "M": 400, "K": 9, "beta": 0.15, "batch_size": 8}
     out = model.describe([images[3]])
     ref = np.load(DATA / "superglobal_r50.npz")["scale3"][3:4]
     assert np.abs(out - ref).max() <= TOL
