@@ -5,7 +5,9 @@
 
 10k and 100k rows are distinct random unit vectors held in memory, and are also searched through a real sharded HDF5
 store; 1M streams one 65,536-row block 16 times (same arithmetic and memory traffic per row, without 4 GB of RAM or
-disk). FAISS IndexFlatIP (float32, exact) runs where its index fits --faiss-max-gb. See visearch/bench.py:scale.
+disk). FAISS IndexFlatIP (float32, exact) runs where its index fits --faiss-max-gb, FAISS
+IndexScalarQuantizer(QT_fp16) on the same float16 rows where they are held in memory, and a plain memory copy of the
+same blocks gives the bandwidth to compare with. See visearch/bench.py:scale.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ def main() -> None:
                       faiss_max_gb=a.faiss_max_gb, threads=a.threads)
     from rich.console import Console
 
-    Console(width=140).print(bench.scale_table(res))
+    Console(width=200).print(bench.scale_table(res))
     if a.json_path:
         Path(a.json_path).write_text(json.dumps(res, indent=1) + "\n")
 

@@ -8,6 +8,13 @@ end-to-end runs of the superglobal-r50 / superglobal-r101 / ames-dist / ames-flo
                                                       own reranker tensors}, "cfg"} (tests/helpers_ckpt.py)
   cvnet_detector.pt                                   {"state": AMES CVNet detector (conv1, bn, conv2)}
   r101_cvnet_ames.pt, cvnet_ames_dist.pt              {"state": AMES transformer (visearch.rerankers.ames)}
+  itq_r101_cvnet_D128.npz                             {"proj": [1024, 128]}, the ITQ projection the dist checkpoint
+                                                      carries as remap_local.0.W (the prototype downloads it too)
+  grounding-dino-tiny/                                a ~1 MB random Grounding DINO folder (tests/gdino_tiny.py)
+
+That is every item of the weights manifest a model or the default detector needs (`weights download` for each model
+in the README, and the files the seed prototype fetched), so loaders meet the folder a user really has; a test checks
+this list against the manifest. grounding-dino-base, an optional larger detector, is left out.
 """
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ from visearch.models.nets.ames_transformer import random_state
 
 SEEDS = {"r50": 0, "r101": 1, "detector": 2, "float": 3, "dist": 4}
 FILES = {"r50": "CVPR2022_CVNet_R50.pyth", "r101": "CVPR2022_CVNet_R101.pyth", "detector": "cvnet_detector.pt",
-         **{v: load_model_config(f"ames-{v}")["rerank"]["checkpoint"] for v in ("float", "dist")}}
+         **{v: load_model_config(f"ames-{v}")["rerank"]["checkpoint"] for v in ("float", "dist")},
+         "itq": "itq_r101_cvnet_D128.npz", "gdino": "grounding-dino-tiny"}
 
 
 def detector_state(seed: int, channels: int = 1024) -> dict[str, torch.Tensor]:
@@ -47,10 +55,17 @@ def write_weights_dir(path: str | Path, which: tuple[str, ...] = tuple(FILES)) -
     path.mkdir(parents=True, exist_ok=True)
     for key in which:
         dst = path / FILES[key]
-        if dst.is_file():
+        if dst.exists():
             continue
         tmp = dst.with_name(dst.name + ".tmp")
-        if key in ("r50", "r101"):
+        if key == "gdino":
+            from tests.gdino_tiny import build_tiny_gdino
+
+            build_tiny_gdino(tmp)
+        elif key == "itq":
+            with open(tmp, "wb") as f:  # the file object keeps np.savez from appending .npz to the temp name
+                np.savez(f, proj=random_state("dist", SEEDS["dist"])["remap_local.0.W"].numpy())
+        elif key in ("r50", "r101"):
             make_cvnet_checkpoint(tmp, 50 if key == "r50" else 101, SEEDS[key])
         elif key == "detector":
             torch.save({"state": detector_state(SEEDS[key])}, tmp)

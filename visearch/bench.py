@@ -405,14 +405,25 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def check_result(r: Any, what: str) -> None:
+    """UsageError unless `r` has the shape of a `visearch bench --json` result (checked before a --compare run)."""
+    if not isinstance(r, dict) or not isinstance(r.get("models"), dict):
+        raise UsageError(f"{what} is not a `visearch bench --json` result (no \"models\" object)",
+                         "pass a file written by `visearch bench --json FILE`")
+    bad = [m for m, v in r["models"].items() if not isinstance(v, dict)]
+    if bad or not isinstance(r.get("machine", {}), dict):
+        raise UsageError(f"{what} is not a `visearch bench --json` result "
+                         f"({'model ' + repr(bad[0])[:40] if bad else 'machine'} is not an object)",
+                         "pass a file written by `visearch bench --json FILE`")
+
+
 def compare(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     """Ratios new / old for every figure both runs have, per model (ratio None when old is 0).
 
     Returns {"machine_differs": {field: [old, new]}, "models": {model: {figure: {"old", "new", "ratio",
     "better"}}}}; `better` is True when the new figure is the better one (faster, smaller, more accurate)."""
-    for r, what in ((new, "new"), (old, "old")):
-        if not isinstance(r, dict) or not isinstance(r.get("models"), dict):
-            raise UsageError(f"the {what} bench result is not a `visearch bench --json` object")
+    check_result(new, "the new bench result")
+    check_result(old, "the old bench result")
     mnew, mold = new.get("machine", {}), old.get("machine", {})
     differs = {k: [mold.get(k), mnew.get(k)] for k in ("cpu", "cores_logical", "gpu", "device", "torch", "cuda",
                                                          "torch_threads") if mold.get(k) != mnew.get(k)}
@@ -448,14 +459,46 @@ def parse_sizes(text: str) -> list[int]:
         mult = {"k": 1_000, "m": 1_000_000}.get(p[-1], 1)
         try:
             n = int(float(p[:-1] if mult > 1 else p) * mult)
-        except ValueError:
+        except (ValueError, OverflowError):  # OverflowError: inf
             raise UsageError(f"bad size {part.strip()!r}", "sizes look like 10k,100k,1M or 5000") from None
         if n < 1:
             raise UsageError(f"bench scale size must be positive, got {part.strip()!r}")
+        if n > MAX_SCALE_N:
+            raise UsageError(f"bench scale size {part.strip()!r} is above the largest supported, {MAX_SCALE_N:,}")
         out.append(n)
     if not out:
         raise UsageError("no sizes given", "e.g. --sizes 10k,100k,1M")
     return out
+
+
+MAX_SCALE_N = 10_000_000_000  # beyond any store this tool writes; above it the streamed timing loop runs for days
+MAX_SCALE_DIM = 65_536
+
+
+def _memory_available() -> int | None:
+    """Bytes of memory available now (Linux /proc/meminfo MemAvailable), None when unknown."""
+    kb = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    kb = int(line.split()[1])
+    except (OSError, ValueError):
+        return None
+    return None if kb is None else kb * 1024
+
+
+def check_scale_args(sizes: Sequence[int], dim: int, nq: int, k: int, chunk_rows: int, in_memory_max: int) -> None:
+    """Refuse (UsageError, one line) a bench scale run whose arrays cannot fit: dimension above MAX_SCALE_DIM, or
+    the rows held at once (float16 data, a float32 chunk, the queries and top-k) above the memory available."""
+    if not 1 <= dim <= MAX_SCALE_DIM:
+        raise UsageError(f"--dim {dim} is out of range (1 to {MAX_SCALE_DIM})")
+    n = max(sizes)
+    held = min(n, in_memory_max) * dim * (2 + 4) + min(n, chunk_rows) * (dim * 4 + nq * 8) + nq * dim * 4
+    avail = _memory_available()
+    if avail is not None and held > avail * 0.8:
+        raise UsageError(f"bench scale with --dim {dim} and N up to {n:,} needs about {held / 2**30:.1f} GiB of "
+                         f"memory, {avail / 2**30:.1f} GiB is available", "use a smaller --dim or --sizes")
 
 
 def _unit_rows(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
@@ -489,8 +532,17 @@ def scale(sizes: Iterable[int] = (10_000, 100_000, 1_000_000), dim: int = 2048, 
       `chunk_rows` block of random rows streamed N / chunk_rows times (the same arithmetic and memory traffic per
       row as distinct data, without holding N x D in RAM; `data` says which);
     - `store_ms`: through a real sharded HDF5 Store written to `tmp_dir` (N <= store_max; file in the page cache);
-    - `faiss_ms`: faiss.IndexFlatIP (float32, exact) when faiss is importable and the index fits `faiss_max_gb`.
+    - `faiss_ms`: faiss.IndexFlatIP (float32, exact) when faiss is importable and the index fits `faiss_max_gb`;
+    - `faiss_sq_ms`: faiss.IndexScalarQuantizer(QT_fp16) over the same float16 rows (in-memory sizes), with
+      `exact_vs_faiss_sq` (time ratio, <= 1 = visearch faster) and `same_top_k_as_faiss_sq` (share of queries whose
+      top-k rows are identical, in order);
+    - `copy_gb_per_s`: a plain memory copy of the same blocks in the same run, and `exact_vs_copy` the share of that
+      bandwidth the exact search reaches; `exact_float32_ms`: the path that converts chunks to float32 (in-memory
+      sizes, CPU); `exact_chunks_rescored` / `exact_chunks_float32`: chunks that took the float16 candidate +
+      exact rescoring path or fell back to float32 (near-ties).
     """
+    sizes = list(sizes)
+    check_scale_args(sizes, dim, nq, k, chunk_rows, in_memory_max)
     import tempfile
 
     import torch
@@ -539,12 +591,22 @@ def scale(sizes: Iterable[int] = (10_000, 100_000, 1_000_000), dim: int = 2048, 
             row["exact_ms"] = round(secs * 1000, 3)
             row["exact_ms_per_query"] = round(secs * 1000 / nq, 3)
             row["exact_gb_per_s"] = round(n * dim * 2 / secs / 1e9, 3)
+            stats: dict[str, int] = {}
+            exact_rows = topk_stream(q, blocks, kk, device=dev, stats=stats)[0]
+            row["exact_chunks_rescored"] = stats.get("fast", 0)
+            row["exact_chunks_float32"] = stats.get("float32", 0)
+            copy_secs = _median_time(functools.partial(_copy_blocks, blocks), reps, None)
+            row["copy_gb_per_s"] = round(n * dim * 2 / copy_secs / 1e9, 3)
+            row["exact_vs_copy"] = round(row["exact_gb_per_s"] / row["copy_gb_per_s"], 3)
+            if data is not None and dev.type == "cpu":  # the earlier float32-conversion path, same data, same run
+                f32 = functools.partial(topk_stream, q, blocks, kk, device=dev, unit_rows=False)
+                row["exact_float32_ms"] = round(_median_time(f32, reps, dev) * 1000, 3)
             del blocks
             if data is not None and n <= store_max:
                 row.update(_store_search(Path(tmp), data, q, kk, chunk_rows, reps, dev, search_store))
             else:
                 row["store_ms"] = None
-            row["faiss_ms"] = None
+            row["faiss_ms"] = row["faiss_sq_ms"] = None
             if faiss and faiss_mod is not None:
                 need_gb = n * dim * 4 / 1e9
                 if need_gb > faiss_max_gb:
@@ -552,6 +614,17 @@ def scale(sizes: Iterable[int] = (10_000, 100_000, 1_000_000), dim: int = 2048, 
                                            f"{faiss_max_gb:g})"
                 else:
                     row.update(_faiss_search(faiss_mod, data, n, dim, q, kk, reps, rng, chunk_rows))
+                if data is None:
+                    row["faiss_sq_skipped"] = "the rows are not held in memory at this size"
+                elif n * dim * 2 / 1e9 > faiss_max_gb:
+                    row["faiss_sq_skipped"] = f"needs {n * dim * 2 / 1e9:.1f} GB (> faiss_max_gb {faiss_max_gb:g})"
+                else:
+                    sq_ms, sq_rows = _faiss_sq_search(faiss_mod, data, q, kk, reps, chunk_rows)
+                    row["faiss_sq_ms"] = sq_ms
+                    row["exact_vs_faiss_sq"] = round(row["exact_ms"] / sq_ms, 3)
+                    # identical top-k rows, in order, per query (random rows: no ties at the k-th place)
+                    row["same_top_k_as_faiss_sq"] = float(np.mean([np.array_equal(a, b)
+                                                                    for a, b in zip(exact_rows, sq_rows)]))
             elif faiss:
                 row["faiss_skipped"] = "faiss is not installed (pip install faiss-cpu)"
             out["sizes"][str(n)] = row
@@ -582,6 +655,26 @@ def _store_search(tmp: Path, data: np.ndarray, q: np.ndarray, k: int, chunk_rows
         st.close()
         shutil.rmtree(path, ignore_errors=True)
     return {"store_ms": round(secs * 1000, 3), "store_bytes_per_image": round(nb["total_on_disk"] / len(data), 1)}
+
+
+def _copy_blocks(blocks: list[tuple[int, np.ndarray]]) -> None:
+    """A plain memory copy of every block into one reused chunk buffer: the streaming bandwidth to compare with."""
+    dst = np.empty_like(blocks[0][1])
+    for _, b in blocks:
+        np.copyto(dst[:len(b)], b)
+
+
+def _faiss_sq_search(faiss_mod, data: np.ndarray, q: np.ndarray, k: int, reps: int,
+                     chunk_rows: int) -> tuple[float, np.ndarray]:
+    """faiss.IndexScalarQuantizer(QT_fp16, inner product) over the same float16 rows: FAISS's exact-on-fp16 scan.
+    Returns (median ms, top-k rows)."""
+    index = faiss_mod.IndexScalarQuantizer(data.shape[1], faiss_mod.ScalarQuantizer.QT_fp16,
+                                           faiss_mod.METRIC_INNER_PRODUCT)
+    index.train(np.ascontiguousarray(data[:min(len(data), 1024)], dtype=np.float32))
+    for a in range(0, len(data), chunk_rows):
+        index.add(np.ascontiguousarray(data[a:a + chunk_rows], dtype=np.float32))
+    secs = _median_time(functools.partial(index.search, q, k), reps, None)
+    return round(secs * 1000, 3), index.search(q, k)[1]
 
 
 def _faiss_search(faiss_mod, data: np.ndarray | None, n: int, dim: int, q: np.ndarray, k: int, reps: int,
@@ -687,12 +780,115 @@ def scale_table(res: dict[str, Any]) -> Any:
     s = res["settings"]
     t = Table(title=f"exact top-{s['k']} for {s['queries']} query crops, D={s['dim']} float16, median of "
                     f"{s['reps']} (ms); {machine_line(res['machine'])}", title_justify="left")
-    for c in ("N", "GB fp16", "exact", "per crop", "GB/s", "via Store", "FAISS flat", "rows"):
+    for c in ("N", "GB fp16", "exact", "per crop", "GB/s", "copy GB/s", "float32 path", "via Store", "FAISS flat",
+              "FAISS SQfp16", "ratio", "same top-k", "rows"):
         t.add_column(c, justify="left" if c == "rows" else "right")
     for n, r in res["sizes"].items():
         faiss_cell = _f(r["faiss_ms"], 1) if r["faiss_ms"] is not None else ("skipped" if r.get("faiss_skipped")
                                                                             else "-")
+        sq_cell = _f(r.get("faiss_sq_ms"), 1) if r.get("faiss_sq_ms") is not None else (
+            "skipped" if r.get("faiss_sq_skipped") else "-")
+        same = r.get("same_top_k_as_faiss_sq")
         t.add_row(f"{int(n):,}", f"{r['bytes_fp16'] / 1e9:.3f}", _f(r["exact_ms"], 1),
-                  _f(r["exact_ms_per_query"], 2), _f(r["exact_gb_per_s"], 2), _f(r.get("store_ms"), 1),
-                  faiss_cell, r.get("data_kind", r["data"]))
+                  _f(r["exact_ms_per_query"], 2), _f(r["exact_gb_per_s"], 2), _f(r.get("copy_gb_per_s"), 2),
+                  _f(r.get("exact_float32_ms"), 1), _f(r.get("store_ms"), 1), faiss_cell, sq_cell,
+                  _f(r.get("exact_vs_faiss_sq"), 2), "-" if same is None else f"{same:.0%}",
+                  r.get("data_kind", r["data"]))
+    t.caption = ("ratio = exact / FAISS SQfp16 (<= 1: visearch is faster); same top-k = queries whose top-k rows "
+                 "equal FAISS SQfp16's, in order; copy = a plain memory copy of the same blocks")
     return t
+
+
+# ---- bench scale --index: an approximate first stage against exact search -------------------------------------------
+def clustered_rows(rng: np.random.Generator, n: int, dim: int, groups: int = 100, chunk: int = 65536) -> np.ndarray:
+    """`[n, dim]` float16 unit rows with realistic two-level structure: n / 1000 random "scene" directions, 10
+    "object" directions within each, and groups of about `groups` rows per object (views of one object: cosine about
+    0.9 to each other, 0.7 to the scene's other objects, about 0 to other scenes). Generated in chunks."""
+    scenes = max(1, n // (10 * groups))
+    c = rng.standard_normal((scenes, dim), dtype=np.float32) / np.sqrt(dim)
+    sub = 0.5 * rng.standard_normal((scenes * 10, dim), dtype=np.float32) / np.sqrt(dim)
+    out = np.empty((n, dim), np.float16)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        o = rng.integers(0, scenes * 10, b - a)
+        x = c[o // 10] + sub[o] + (0.35 / np.sqrt(dim)) * rng.standard_normal((b - a, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        out[a:b] = x
+    return out
+
+
+def scale_index(factory: str, n: int = 1_000_000, dim: int = 2048, nq: int = 100, k: int = 100,
+                candidates: int = 1000, nprobe: int | None = None, train_size: int | None = None, reps: int = 1,
+                threads: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """recall@k of a FAISS first stage (its `candidates` rescored exactly, as query does) against exact search,
+    ms/query, bytes/vector and build time, on `n` clustered synthetic rows (clustered_rows; queries are database
+    rows plus noise, like a photo of an indexed object)."""
+    import torch
+
+    from .index.faiss import FaissIndex
+    from .search import topk_stream
+
+    if threads:
+        torch.set_num_threads(threads)
+        import faiss as faiss_mod
+
+        faiss_mod.omp_set_num_threads(threads)
+    rng = np.random.default_rng(seed)
+    t0 = time.perf_counter()
+    data = clustered_rows(rng, n, dim)
+    gen_s = time.perf_counter() - t0
+    pick = rng.choice(n, nq, replace=False)
+    q = data[pick].astype(np.float32) + (0.5 / np.sqrt(dim)) * rng.standard_normal((nq, dim), dtype=np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    chunk = 65536
+    blocks = [(a, data[a:a + chunk]) for a in range(0, n, chunk)]
+    t0 = time.perf_counter()
+    ex_rows, _ = topk_stream(q, blocks, k)
+    exact_s = time.perf_counter() - t0
+    idx = FaissIndex.create(factory, dim)
+    t0 = time.perf_counter()
+    if not idx.is_trained():
+        ivf = idx.ivf()
+        n_train = min(n, train_size or max(39 * (ivf.nlist if ivf is not None else 1), 50_000))
+        idx.train(data[np.sort(rng.choice(n, n_train, replace=False))])
+    train_s = time.perf_counter() - t0
+    if nprobe:
+        idx.set_nprobe(nprobe)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        r = np.arange(a, b, dtype=np.int64)
+        idx.add(r, data[a:b], r)
+    build_s = time.perf_counter() - t0
+
+    def first_stage():
+        return idx.search(q, candidates)[0]
+
+    def full():  # the query path: index shortlist, then exact rescoring from the stored rows
+        cand = first_stage()
+        out = np.empty((nq, k), np.int64)
+        for i in range(nq):
+            c = np.unique(cand[i][cand[i] >= 0])
+            s = data[c].astype(np.float32) @ q[i]
+            out[i] = c[np.argsort(-s, kind="stable")[:k]]
+        return out
+
+    stage_s = _median_time(first_stage, reps, None)
+    full_s = _median_time(full, reps, None)
+    got = full()
+    recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, ex_rows)]))
+    cand = first_stage()
+    recall_first = float(np.mean([len(set(a[:k]) & set(b)) / k for a, b in zip(cand, ex_rows)]))
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="visearch-index-") as tmp:
+        idx.save(Path(tmp))
+        file_bytes = sum(p.stat().st_size for p in Path(tmp).iterdir())
+    return {"schema_version": SCHEMA_VERSION, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": machine_info(torch.device("cpu")),
+            "settings": {"factory": factory, "n": n, "dim": dim, "queries": nq, "k": k, "candidates": candidates,
+                         "nprobe": idx.nprobe, "train_size": idx.train_size, "data": "clustered_rows"},
+            f"recall@{k}": round(recall, 4), f"recall@{k}_first_stage_only": round(recall_first, 4),
+            "ms_per_query": round(full_s * 1000 / nq, 3), "first_stage_ms_per_query": round(stage_s * 1000 / nq, 3),
+            "exact_ms_per_query": round(exact_s * 1000 / nq, 3), "code_bytes_per_vector": idx.code_bytes(),
+            "file_bytes_per_vector": round(file_bytes / n, 1), "train_s": round(train_s, 2),
+            "build_s": round(build_s, 2), "generate_s": round(gen_s, 2)}

@@ -17,7 +17,7 @@ from typing import List, Optional
 os.environ.setdefault("TYPER_USE_RICH", "0")
 import typer  # noqa: E402
 
-from .errors import UsageError, VisearchError, first_line  # noqa: E402
+from .errors import StoreError, UsageError, VisearchError, first_line  # noqa: E402
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="Instance-level visual search: convert, extract, detect, query, eval, bench.")
@@ -149,6 +149,42 @@ def extract(
          f"{len(r.failed)} failed, {r.total} images in dataset ({r.images_per_s:.1f} img/s) -> {r.store}")
     for i, why in r.failed[:20]:
         sys.stderr.write(f"  skipped {i}: {why}\n")
+    if r.index is not None:
+        _info(f"index updated: {r.index.added} added, {r.index.removed} removed, {r.index.vectors} vectors")
+
+
+# ---- index ----------------------------------------------------------------------------------------------------------
+index_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                        help="A FAISS first-stage index in the store folder (query and eval then use it).")
+app.add_typer(index_app, name="index")
+
+
+@index_app.command("build")
+def index_build(
+    dataset: str = typer.Argument(..., help="Dataset name."),
+    model: str = typer.Option("lite", "--model", "-m", help="Model whose store is indexed."),
+    factory: Optional[str] = typer.Option(None, "--factory", help="FAISS index factory string, e.g. "
+                                          "'PCAR256,IVF4096_HNSW32,PQ64' [default: chosen from size and budget]."),
+    memory_budget: Optional[str] = typer.Option(None, "--memory-budget", help="e.g. 4GB: the rule picks an index "
+                                                "whose codes fit."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="Vectors to train on "
+                                             "[default: max(39 x lists, 50,000)]."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="IVF lists scanned per query [64]."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Build (or rebuild) the store's FAISS index; `extract` keeps it current afterwards."""
+    from . import api
+
+    r = api.build_index(dataset, model, factory=factory, memory_budget=memory_budget, train_size=train_size,
+                        nprobe=nprobe, workspace=_workspace())
+    d = {"dataset": dataset, "model": model, "factory": r.factory, "vectors": r.vectors, "train_size": r.train_size,
+         "seconds": round(r.seconds, 3), "code_bytes_per_vector": r.code_bytes,
+         "file_bytes_per_vector": round(r.file_bytes / max(1, r.vectors), 1)}
+    if json_out:
+        _out(json.dumps(d))
+        return
+    _out(f"{dataset} [{model}]: {r.factory} over {r.vectors} vectors (trained on {r.train_size}), "
+         f"{r.code_bytes:g} B/vector codes, {d['file_bytes_per_vector']} B/vector on disk, {r.seconds:.1f} s")
 
 
 # ---- query ----------------------------------------------------------------------------------------------------------
@@ -191,6 +227,7 @@ def query(
     endpoint: Optional[str] = typer.Option(None, "--endpoint", help="gdino-cloud API endpoint."),
     default_prompt: Optional[str] = typer.Option(None, "--default-prompt", help=DEFAULT_PROMPT_HELP),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="Global search only."),
+    exact: bool = typer.Option(False, "--exact", help="Scan every descriptor even when the store has an index."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     json_out: bool = typer.Option(False, "--json", help="JSON Lines: one object per query image."),
     paths: bool = typer.Option(False, "--paths", help="Bare result paths (merged ranking), one per line."),
@@ -202,7 +239,13 @@ def query(
 
     if json_out and paths:
         raise UsageError("--json and --paths cannot be combined")
-    stdin_lines = sys.stdin.read().splitlines() if "-" in images else None
+    from .paths import check_writable
+
+    if show is not None:  # checked before any query runs, not after all of them
+        check_writable(show, "--show", (".png", ".jpg", ".jpeg", ".webp"))
+    if html is not None:
+        check_writable(html, "--html")
+    stdin_lines = _decode_query_list(sys.stdin.buffer.read(), "stdin").splitlines() if "-" in images else None
     qlist = _read_query_list(images, stdin_lines)
     if model is None:
         model = api.default_query_model(dataset, state.data_dir)
@@ -212,17 +255,18 @@ def query(
         from .config import load_model_config
 
         top_k = int(load_model_config(model)["search"]["top_k"])
-    if detector is None and (prompt or token_file or endpoint):
-        detector = "gdino-cloud" if (token_file or endpoint) else api.default_detector(state.weights_dir)
-        _info(f"detector: {detector}")
     searcher = api.Searcher(dataset, model, weights=weights, workspace=_workspace(device),
-                            rerank=not no_rerank, detector=detector,
+                            rerank=not no_rerank, detector=detector, prompt=prompt, exact=exact,
                             detector_options=_detector_options(box_threshold, text_threshold, token_file, endpoint,
                                                                default_prompt))
+    if detector is None and searcher.detector_name != "none":  # the library's automatic choice, said once
+        _info(f"detector: {searcher.detector_name}")
     results, failures = [], 0
     for q in qlist:
         try:
             res = searcher.query(q, prompt=prompt, top_k=top_k, max_boxes=max_boxes)
+        except StoreError:  # the store, not this query image, is at fault: stop with its own message
+            raise
         except VisearchError as e:  # one bad query image must not stop a batch
             failures += 1
             sys.stderr.write(f"error: {e}\n" if q in e.message else f"error: {q}: {e}\n")
@@ -250,6 +294,18 @@ def query(
         raise typer.Exit(1)
 
 
+def _decode_query_list(data: bytes, where: str) -> str:
+    """The text of a list of query paths; UsageError (one line) for binary content (NUL bytes, not UTF-8)."""
+    bad = data.find(b"\0")
+    try:
+        if bad < 0:
+            return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = e.start
+    raise UsageError(f"{where}: not a text list of image paths (binary content at byte {bad})",
+                     "a query list holds one image path per line, UTF-8 text")
+
+
 def _read_query_list(args: List[str], stdin_lines: Optional[List[str]] = None) -> List[str]:
     """Query arguments: image paths, `-` for stdin (one path per line), or a .txt/.lst file of paths."""
     out: List[str] = []
@@ -257,7 +313,11 @@ def _read_query_list(args: List[str], stdin_lines: Optional[List[str]] = None) -
         if a == "-":
             out += [ln.strip() for ln in (stdin_lines or []) if ln.strip()]
         elif a.lower().endswith((".txt", ".lst")) and Path(a).is_file():
-            out += [ln.strip() for ln in Path(a).read_text(encoding="utf-8").splitlines() if ln.strip()]
+            try:
+                data = Path(a).read_bytes()
+            except OSError as e:
+                raise UsageError(f"cannot read query list {a}: {e.strerror or e}") from None
+            out += [ln.strip() for ln in _decode_query_list(data, a).splitlines() if ln.strip()]
         else:
             out.append(a)
     if not out:
@@ -348,13 +408,14 @@ def eval_(
     model: str = typer.Option("lite", "--model", "-m"),
     weights: Optional[Path] = typer.Option(None, "--weights", help="A specific checkpoint file."),
     no_rerank: bool = typer.Option(False, "--no-rerank", help="Evaluate global search only."),
+    exact: bool = typer.Option(False, "--exact", help="Scan every descriptor even when the store has an index."),
     device: str = typer.Option("auto", "--device"),
     json_out: bool = typer.Option(False, "--json", help="One JSON object (percentages)."),
 ) -> None:
     """Revisitop evaluation: mAP (Easy/Medium/Hard) and mP@1/5/10."""
     from . import api
 
-    r = api.evaluate(dataset, model, weights=weights, rerank=not no_rerank, workspace=_workspace(device))
+    r = api.evaluate(dataset, model, weights=weights, rerank=not no_rerank, workspace=_workspace(device), exact=exact)
     main_result = r["reranked"] or r["global"]
     if json_out:
         _out(json.dumps({"dataset": r["dataset"], "model": r["model"], "reranked": r["reranked"] is not None,
@@ -533,12 +594,17 @@ def bench(
     if not dataset:
         raise UsageError("bench needs --dataset NAME", "or run `visearch bench scale` for synthetic search cost")
     old = None
-    if compare_path is not None:
+    if compare_path is not None:  # checked before the (long) run
         try:
             old = json.loads(compare_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RecursionError) as e:
             raise UsageError(f"cannot read {compare_path} as a bench JSON result ({first_line(e, 120)})",
                              "pass a file written by `visearch bench --json FILE`") from None
+        bench_mod.check_result(old, str(compare_path))
+    if json_path not in (None, "-"):
+        from .paths import check_writable
+
+        check_writable(json_path, "--json")
     result = bench_mod.run(dataset, models_.split(","), data_dir=state.data_dir, weights_dir=state.weights_dir,
                            weights=weights, device=device, queries=queries, warmup=warmup, sample=sample,
                            batch_size=batch_size, detector=detector, prompt=prompt, max_boxes=max_boxes,
@@ -568,10 +634,30 @@ def bench_scale(
     faiss_max_gb: float = typer.Option(2.0, "--faiss-max-gb", help="Largest float32 FAISS index to build."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch and FAISS."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the JSON result to this file (- = stdout)."),
+    index: Optional[str] = typer.Option(None, "--index", help="A FAISS factory string: recall@k against exact, "
+                                        "ms/query, bytes/vector, build time on clustered rows (first --sizes)."),
+    candidates: int = typer.Option(1000, "--candidates", min=1, help="With --index: shortlist rescored exactly."),
+    nprobe: Optional[int] = typer.Option(None, "--nprobe", min=1, help="With --index: IVF lists scanned."),
+    train_size: Optional[int] = typer.Option(None, "--train-size", min=1, help="With --index: training vectors."),
 ) -> None:
     """Exact top-k search time against collection size on synthetic descriptors (and FAISS flat if installed)."""
     from . import bench as bench_mod
 
+    if index:
+        n = bench_mod.parse_sizes(sizes)[0]
+        res = bench_mod.scale_index(index, n=n, dim=dim, k=top_k, candidates=candidates, nprobe=nprobe,
+                                    train_size=train_size, reps=reps, threads=threads)
+        if json_path != "-":
+            s = res["settings"]
+            rk, rk1 = res[f"recall@{s['k']}"], res[f"recall@{s['k']}_first_stage_only"]
+            _out(f"{s['factory']} over {s['n']:,} x {s['dim']} clustered rows: recall@{s['k']} "
+                 f"{rk:.3f} ({s['candidates']} candidates rescored exactly; first stage "
+                 f"alone {rk1:.3f}), {res['ms_per_query']:.1f} ms/query "
+                 f"(exact scan {res['exact_ms_per_query']:.1f}), {res['code_bytes_per_vector']:g} B/vector codes "
+                 f"({res['file_bytes_per_vector']:g} on disk), trained in {res['train_s']:.0f} s, built in "
+                 f"{res['build_s']:.0f} s")
+        _write_json_result(res, json_path)
+        return
     res = bench_mod.scale(bench_mod.parse_sizes(sizes), dim=dim, nq=queries, k=top_k, reps=reps, device=device,
                           faiss=faiss, faiss_max_gb=faiss_max_gb, threads=threads)
     if json_path != "-":
@@ -581,8 +667,23 @@ def bench_scale(
 
 def main() -> None:
     """Entry point: map library errors to one-line messages and exit codes, never a traceback."""
+    import signal
+
+    interrupted: list[int] = []
+
+    def on_sigint(signum, frame):  # Typer turns KeyboardInterrupt into a silent exit 130: remember that it was one
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when started with SIGINT ignored
+        signal.signal(signal.SIGINT, on_sigint)
     try:
         app()
+    except SystemExit as e:
+        if interrupted:
+            sys.stderr.write("interrupted\n")
+            sys.exit(130)
+        raise e
     except VisearchError as e:
         sys.stderr.write(f"error: {e.message}" + (f" ({e.hint})" if e.hint else "") + "\n")
         sys.exit(e.exit_code)

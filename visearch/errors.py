@@ -50,6 +50,10 @@ class DeviceError(VisearchError):
     """A device was requested that this machine does not have."""
 
 
+class SearchIndexError(VisearchError):
+    """A first-stage index that is missing, stale (the store changed under it) or cannot be built."""
+
+
 def first_line(e: BaseException, limit: int = 160) -> str:
     """The first line of an exception's message (its type name when it has none), at most `limit` characters:
     what goes inside our one-line error messages."""

@@ -1,6 +1,8 @@
 """File-system helpers used by every writer: atomic replacement and file hashing (one implementation each)."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import tempfile
@@ -59,3 +61,19 @@ def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's content, read in chunks (hashlib.file_digest)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@contextlib.contextmanager
+def refused_writes(what: str, error: type | None = None):
+    """Map a refused write (permission denied, read-only file system, a file where a folder should be) to one line
+    naming the path, as `error` (a VisearchError class; DatasetError by default); other errors pass unchanged."""
+    from .errors import DatasetError
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR):
+            raise
+        raise (error or DatasetError)(f"cannot write {e.filename or what}: {e.strerror or e}",
+                                      f"{what} must be a writable folder; nothing already written was changed") \
+            from None

@@ -25,10 +25,37 @@ log = logging.getLogger(__name__)
 
 #: File extensions (lower case, with dot) that `convert` treats as images.
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
+    {".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif", ".heic", ".heif"}
 )
+_HEIF_BRANDS = (b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1")
+_HEIF_LOCK = threading.Lock()
+_heif_ready = False
+
+
+def _heif_opener(name: str) -> None:
+    """Register pillow-heif's HEIC/HEIF decoder with Pillow once (imported only when such a file is met)."""
+    global _heif_ready
+    if _heif_ready:
+        return
+    with _HEIF_LOCK:
+        if _heif_ready:
+            return
+        try:
+            import pillow_heif
+        except ImportError:
+            raise ImageError(f"{name}: HEIC/HEIF image, unsupported without the pillow-heif package",
+                             "pip install pillow-heif, or convert the photo to JPEG") from None
+        pillow_heif.register_heif_opener()
+        _heif_ready = True
 
 ImageLike = str | os.PathLike | IO[bytes] | Image.Image | np.ndarray
+
+#: Work bounds per described image, for every model. An image longer than MAX_ASPECT times its short side is refused
+#: (a 2000x1 strip would otherwise be upsampled to the network minimum on its short side: 184000x92 px for
+#: SuperGlobal, minutes of CPU and gigabytes of RAM). Models at native resolution shrink an image above
+#: MAX_DESCRIBE_PIXELS to that many pixels (a 24 Mpx camera photo stays native, a 89 Mpx scan does not).
+MAX_ASPECT = 100
+MAX_DESCRIBE_PIXELS = 24_000_000
 
 # Pillow reads "load truncated images" from a module global; we only flip it for one load at a time.
 _TRUNCATED_LOCK = threading.Lock()
@@ -67,6 +94,29 @@ def _check_bomb(img: Image.Image, name: str) -> None:
         raise ImageError(f"{name}: image has an empty size {w}x{h}", "the file is corrupt")
 
 
+def aspect_problem(width: int, height: int) -> str | None:
+    """Why a `width` x `height` image is too elongated to describe (see MAX_ASPECT), or None."""
+    lo, hi = min(width, height), max(width, height)
+    if lo < 1 or hi > MAX_ASPECT * lo:
+        ratio = f"{hi / lo:.0f}:1" if lo >= 1 else "infinite"
+        return (f"image is {width}x{height} px, aspect ratio {ratio} above the limit of {MAX_ASPECT}:1 "
+                "(too elongated to describe)")
+    return None
+
+
+def check_aspect(width: int, height: int, name: str) -> None:
+    """ImageError (one line naming `name`) when the image is too elongated to describe (see MAX_ASPECT)."""
+    why = aspect_problem(width, height)
+    if why:
+        raise ImageError(f"{name}: {why}", "crop it to the object, or pad it to a less extreme shape")
+
+
+def work_scale(width: int, height: int, max_pixels: int = MAX_DESCRIBE_PIXELS) -> float:
+    """Factor (<= 1) that brings a `width` x `height` image within `max_pixels` (1.0 when it already is)."""
+    n = width * height
+    return 1.0 if n <= max_pixels else (max_pixels / n) ** 0.5
+
+
 def _open_pil(src: str | os.PathLike | IO[bytes], name: str) -> Image.Image:
     """Image.open with every failure mapped to ImageError; pixels are not decoded yet."""
     head = b""
@@ -89,6 +139,8 @@ def _open_pil(src: str | os.PathLike | IO[bytes], name: str) -> Image.Image:
                 fp.seek(pos)
             if not head:
                 raise ImageError(f"{name}: empty input (0 bytes)", "pass image data")
+        if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+            _heif_opener(name)
         with warnings.catch_warnings():
             # our own check below replaces Pillow's DecompressionBombWarning
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -112,7 +164,7 @@ def _open_pil(src: str | os.PathLike | IO[bytes], name: str) -> Image.Image:
                          "downscale it first, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image: {_describe_bytes(head)}",
-                         "supported: JPEG, PNG, WebP, BMP, TIFF, GIF") from None
+                         "supported: JPEG, PNG, WebP, BMP, TIFF, GIF, HEIC") from None
     except OSError as e:
         raise ImageError(f"{name}: cannot read file ({e.strerror or e})", "check the file and its permissions") from None
     except Exception as e:  # noqa: BLE001 - Pillow plugins raise SyntaxError, struct.error, ... on garbage

@@ -42,14 +42,21 @@ def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _loader(thumbs: Any) -> ThumbLoader:
-    """A loader from a result dict: `thumbs` itself if callable, `thumbs.image_path(id)` for a dataset-like
-    object, else the result's `path`."""
+    """A loader from a result dict: `thumbs` itself if callable; for a dataset-like object the result's `path` when
+    that file exists, else `thumbs.image_path(id)` (the dataset's copy); else the result's `path`."""
     if thumbs is None:
         return lambda r: r.get("path")
     if callable(thumbs):
         return thumbs
     if hasattr(thumbs, "image_path"):
-        return lambda r: r.get("path") or thumbs.image_path(r["id"])
+        def original_or_copy(r: dict) -> Any:
+            # the user's original file while it is there; the dataset's own copy once it moved or was deleted
+            path = r.get("path")
+            if path and Path(path).is_file():
+                return path
+            return thumbs.image_path(r["id"]) if r.get("id") is not None else path
+
+        return original_or_copy
     raise UsageError(f"thumbs must be a callable or have image_path(), got {type(thumbs).__name__}")
 
 

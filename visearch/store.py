@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -37,13 +38,28 @@ REBUILD_HINT = "run `visearch extract ... --rebuild` to rebuild it"
 
 
 def _max_open_files() -> int:
-    """Shard files kept open per Store: half the open-file limit (256 on macOS, 1024 on Linux by default), at least
-    64. A big collection has thousands of shards; past the cap the least recently used is closed (shards are
-    immutable, so reopening one is always safe), which costs a reopen per shard per search pass."""
+    """Shard files kept open per Store: half the open-file limit, at least 64. A big collection has thousands of
+    shards; past the cap the least recently used is closed and reopened on demand (shards are immutable; one that a
+    compaction has deleted meanwhile is read through the newer manifest, see Store._read)."""
     import resource
 
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     return max(64, (soft if soft != resource.RLIM_INFINITY else 1 << 20) // 2)
+
+
+SHARD_RE = re.compile(r"shard-(\d+)\.h5")
+
+
+def shard_number(file: str) -> int:
+    """`shard-00042.h5` -> 42; any digit count (five at least in new names: older stores read the same)."""
+    m = SHARD_RE.fullmatch(file)
+    if not m:
+        raise StoreError(f"unexpected shard file name {file!r} in a store manifest", REBUILD_HINT)
+    return int(m.group(1))
+
+
+def shard_name(number: int) -> str:
+    return f"shard-{number:05d}.h5"  # zero-padded to 5 digits, longer past 99,999: never wraps or collides
 
 
 # Writer locks held by this process (fd numbers). A flock lock belongs to the open file, which a fork shares with the
@@ -151,6 +167,59 @@ def _atomic_write_json(path: Path, obj: Any) -> None:
         raise
 
 
+MAX_DIM = 1 << 16
+MAX_SHARD_ROWS = 1 << 31
+STORE_DTYPES = ("float16", "float32", "bfloat16", "uint8", "int8", "bool")
+
+
+def _is_int(x: Any, lo: int, hi: int) -> bool:
+    return type(x) is int and lo <= x <= hi
+
+
+def _manifest_problem(m: Any) -> str | None:
+    """Why a parsed manifest.json cannot be a store's (types and ranges of every field), or None. Shard file names
+    must be plain names inside the store folder: a manifest can never make a reader open or a writer delete a file
+    elsewhere."""
+    import re
+
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    if not isinstance(m.get("model"), str):
+        return "model is not a string"
+    if not _is_int(m.get("dim"), 1, MAX_DIM):
+        return f"dim {m.get('dim')!r:.40} is not an integer in 1..{MAX_DIM}"
+    if m.get("dtype") not in STORE_DTYPES:
+        return f"dtype {m.get('dtype')!r:.40} is not one of {', '.join(STORE_DTYPES)}"
+    lf = m.get("local_fields")
+    if not isinstance(lf, dict):
+        return "local_fields is not an object"
+    for k, v in lf.items():
+        shape = v.get("shape") if isinstance(v, dict) else None
+        if (not re.fullmatch(r"[A-Za-z0-9_]{1,64}", k) or not isinstance(shape, list) or not shape
+                or not all(_is_int(d, 1, MAX_DIM) for d in shape) or v.get("dtype") not in STORE_DTYPES):
+            return f"local field {k!r:.40} has a bad name, shape or dtype"
+    shards = m.get("shards")
+    if not isinstance(shards, list):
+        return "shards is not a list"
+    seen = set()
+    for s in shards:
+        if not isinstance(s, dict):
+            return "a shard entry is not an object"
+        f = s.get("file")
+        if not isinstance(f, str) or not re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,120}\.h5", f) or f in seen:
+            return f"shard file {f!r:.60} is not a plain shard name in the store folder (or is listed twice)"
+        seen.add(f)
+        rows = s.get("rows")
+        if not _is_int(rows, 0, MAX_SHARD_ROWS) or not _is_int(s.get("bytes"), 0, 1 << 50):
+            return f"{f}: rows or bytes out of range"
+        dead = s.get("dead")
+        if not isinstance(dead, list) or not all(_is_int(r, 0, rows - 1) for r in dead) or len(set(dead)) < len(dead):
+            return f"{f}: dead rows are not distinct row numbers in 0..{rows - 1}"
+        if s.get("uid") is not None and not isinstance(s.get("uid"), str):
+            return f"{f}: uid is not a string"
+    return None
+
+
 @dataclass
 class _Shard:
     file: str
@@ -175,6 +244,13 @@ class Store:
         self._max_open = _max_open_files()
         self._ids: list[str] | None = None
         self._live: np.ndarray | None = None
+        # shards closed by the LRU: their (ids, fingerprints), and a newer view of the store to read them from when a
+        # compaction has deleted them meanwhile (see _read_moved)
+        self._evicted: dict[str, tuple[list[str], list[str]]] = {}
+        self._successor: Store | None = None
+        self._successor_version: tuple[int, int] | None = None
+        self._moved_rows: dict[str, np.ndarray] = {}
+        self._where: dict[tuple[str, str], int] = {}
 
     # ---- creation and opening -------------------------------------------------------------------------------
     @classmethod
@@ -233,6 +309,9 @@ class Store:
         if version != SCHEMA_VERSION:
             raise StoreError(f"store {path} has schema version {version}, this visearch reads {SCHEMA_VERSION}",
                              REBUILD_HINT)
+        problem = _manifest_problem(manifest)
+        if problem:
+            raise StoreError(f"store manifest {mpath} is corrupt ({problem})", REBUILD_HINT)
         try:
             store = cls(path, manifest)
         except (KeyError, TypeError, ValueError, AttributeError):  # valid JSON, wrong structure
@@ -262,30 +341,106 @@ class Store:
                 raise StoreError(f"store file {f} is not the shard the manifest lists (replaced or restored from "
                                  "another copy)", REBUILD_HINT)
 
+    def verify(self, block_bytes: int = 32 << 20) -> None:
+        """Read every array of every shard, so each chunk's fletcher32 checksum is tested: a flipped byte raises
+        StoreError naming the shard (`extract` runs this when it opens a store; memory stays ~`block_bytes`)."""
+        local = {f"local/{k}": int(np.prod(f.shape)) * np.dtype(f.dtype).itemsize for k, f in self.local_fields.items()}
+        sizes = {"ids": 64, "fingerprints": 64, "global": self.dim * self.dtype.itemsize, **local}
+        for s in self.shards:
+            for key, row_bytes in sizes.items():
+                step = max(1, block_bytes // max(1, row_bytes))
+                for a in range(0, s.rows, step):
+                    self._read(s.file, key, slice(a, min(s.rows, a + step)))
+
     def _file(self, name: str) -> h5py.File:
         """The open shard `name`; at most `_max_open_files()` stay open (least recently used closed first)."""
         f = self._files.pop(name, None)
         if f is None:
             while len(self._files) >= self._max_open:
+                old_name, old = next(iter(self._files.items()))
+                del self._files[old_name]
                 with contextlib.suppress(Exception):
-                    self._files.pop(next(iter(self._files))).close()
+                    if old_name not in self._evicted:  # what a later _read_moved needs to find its rows again
+                        self._evicted[old_name] = (_decode(old["ids"][:]), _decode(old["fingerprints"][:]))
+                    old.close()
             f = h5py.File(self.path / name, "r")
         self._files[name] = f  # re-inserted last: dicts keep insertion order
         return f
 
-    def _read(self, name: str, key: str, sel: Any) -> np.ndarray:
-        """`file[key][sel]`, a checksum or I/O failure (bit rot, a bad disk) raised as StoreError."""
+    def _reopened(self, name: str) -> h5py.File | None:
+        """`_file(name)`; None when `name` was closed by the LRU and is no longer the file this store listed (a
+        compaction deleted it, or a rebuild reused its name, after this store was opened)."""
+        if name in self._files or name not in self._evicted:
+            return self._file(name)
         try:
-            return self._file(name)[key][sel]
-        except OSError as e:
+            f = self._file(name)
+        except OSError:
+            if (self.path / name).is_file():
+                raise
+            return None
+        uid = next((s.uid for s in self.shards if s.file == name), None)
+        if uid is not None and f.attrs.get("uid") != uid:
+            self._files.pop(name).close()
+            return None
+        return f
+
+    def _read(self, name: str, key: str, sel: Any) -> np.ndarray:
+        """`file[key][sel]`, a checksum or I/O failure (bit rot, a bad disk) raised as StoreError. A shard that
+        vanished since this store was opened (closed by the LRU, then compacted away) is read through the current
+        manifest: compaction keeps every live row's bytes, so the rows are found there by id and fingerprint."""
+        try:
+            f = self._reopened(name)
+            return self._read_moved(name, key, sel) if f is None else f[key][sel]
+        except (OSError, KeyError) as e:
             raise StoreError(f"store file {self.path / name} is corrupt, reading {key} failed "
                              f"({str(e).splitlines()[0][:120]})", REBUILD_HINT) from None
+
+    def _read_moved(self, name: str, key: str, sel: Any) -> np.ndarray:
+        """Rows `sel` of the vanished shard `name`, from the current store (see `_read`). Rows that were dead in this
+        view read as zeros (never returned: `live` masks them); a live row whose image has changed or left the
+        store since is an error (the caller should open the store again)."""
+        si = next(i for i, s in enumerate(self.shards) if s.file == name)
+        shard = self.shards[si]
+        local = np.arange(shard.rows)[sel]
+        if self._successor is None or _manifest_version(self.path) != self._successor_version:
+            self._successor_version = _manifest_version(self.path)
+            self._successor = Store.open(self.path, check_files=False)
+            succ = self._successor
+            where = {(i, fp): r for r, (i, fp, ok) in enumerate(zip(succ.ids, succ.fingerprints(), succ.live)) if ok}
+            self._moved_rows = {}
+            self._where = where
+        if name not in self._moved_rows:  # this shard's rows -> rows of the current store (-1: none)
+            ids, fps = self._moved_strings(si)
+            self._moved_rows[name] = np.array([self._where.get((i, fp), -1) for i, fp in zip(ids, fps)], np.int64)
+        rows = self._moved_rows[name][local]
+        dead = set(shard.dead)
+        lost = [int(r) for r, m in zip(local, rows) if m < 0 and int(r) not in dead]
+        if lost:
+            raise StoreError(f"store {self.path} changed while it was being read (a compaction or a re-extraction "
+                             "replaced rows it still needed)", "open the store again")
+        if key in ("ids", "fingerprints"):
+            return np.array(self._moved_strings(si)[0 if key == "ids" else 1], dtype=object)[local]
+        ok = rows >= 0
+        block = self._successor._gather(rows[ok], key)
+        out = np.zeros((len(rows),) + block.shape[1:], block.dtype)
+        out[ok] = block
+        return out
+
+    def _moved_strings(self, si: int) -> tuple[list[str], list[str]]:
+        """(ids, fingerprints) of shard `si` in this view, as read when the LRU closed it."""
+        got = self._evicted.get(self.shards[si].file)
+        if got is None:  # never opened before it vanished (opened with check_files=False)
+            raise StoreError(f"store {self.path} changed while it was being read", "open the store again")
+        return got
 
     def close(self) -> None:
         for f in self._files.values():
             with contextlib.suppress(Exception):
                 f.close()
         self._files.clear()
+        if self._successor is not None:
+            self._successor.close()
+            self._successor = None
 
     def __enter__(self) -> "Store":
         return self
@@ -449,8 +604,8 @@ class StoreWriter:
         self.close()
 
     def _next_name(self, extra: list[dict[str, Any]] = ()) -> str:
-        used = [int(s.file[6:11]) for s in self.store.shards] + [int(s["file"][6:11]) for s in extra]
-        return f"shard-{(max(used) + 1) if used else 0:05d}.h5"
+        used = [shard_number(s.file) for s in self.store.shards] + [shard_number(s["file"]) for s in extra]
+        return shard_name((max(used) + 1) if used else 0)
 
     def append(self, ids: list[str], features: Features, fingerprints: list[str] | None = None) -> None:
         """Write one immutable shard with these rows, then publish it in a new manifest.

@@ -21,6 +21,7 @@ from .fsutil import sha256_file
 def safe_torch_load(path: str | Path) -> Any:
     """torch.load with weights_only=True on CPU; every failure becomes a one-line WeightsError naming the file."""
     import pickle
+    import warnings
     import zipfile
 
     import torch
@@ -31,13 +32,21 @@ def safe_torch_load(path: str | Path) -> Any:
     if path.stat().st_size == 0:
         raise WeightsError(f"weight file is empty: {path}", "download it again (`visearch weights download`)")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # garbage files make the unpickler warn about pickle protocols: noise
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = first_line(e) if str(e).strip() else "unsupported pickle content"
         raise WeightsError(f"refusing to load {path}: it holds objects other than tensors ({first})",
                            "only plain checkpoints (tensors, dicts, numbers) are accepted") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise WeightsError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({first_line(e)})",
+    except MemoryError:
+        raise WeightsError(f"cannot read checkpoint {path}: it asks for more memory than there is",
+                           "download it again and check it with `visearch weights verify`") from None
+    except Exception as e:  # noqa: BLE001 - garbage bytes make the unpickler raise KeyError, IndexError, struct.error..
+        msg = first_line(e)
+        if not isinstance(e, (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError)):
+            msg = f"{type(e).__name__}: {msg}"
+        raise WeightsError(f"cannot read checkpoint {path}: truncated or not a PyTorch file ({msg})",
                            "download it again and check it with `visearch weights verify`") from None
 
 
@@ -176,6 +185,17 @@ def requirements() -> dict[str, list[str]]:
     for table in ("models", "detectors"):
         out.update({k: list(v) for k, v in data.get(table, {}).items()})
     return out
+
+
+def download_hint(file_name: str, model: str | None = None) -> str:
+    """How to get the weight file `file_name`: the `weights download` command of the manifest item holding it (or
+    of `model`), else where to put it by hand. Hints never name something `weights download` refuses."""
+    for spec in manifest():
+        if spec.file == file_name:
+            return f"run `visearch weights download {spec.name}`"
+    if model and model in requirements():
+        return f"run `visearch weights download {model}`"
+    return f"put {file_name} in the weights folder (--weights-dir)"
 
 
 def items_for(name: str) -> list[WeightSpec]:
@@ -475,8 +495,17 @@ def _verify_hf_folder(path: Path) -> str | None:
                 if n <= 0 or n + 8 > st.stat().st_size:
                     raise ValueError("header length out of range")
                 header = json.loads(f.read(n))
-                end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-            except (ValueError, KeyError, TypeError) as e:
+                if not isinstance(header, dict):
+                    raise ValueError("header is not a JSON object")
+                end = 0
+                for k, v in header.items():
+                    if k == "__metadata__":
+                        continue
+                    a, b = v["data_offsets"]
+                    if not (type(a) is int and type(b) is int and 0 <= a <= b):
+                        raise ValueError(f"tensor {k[:60]!r} has bad data_offsets {v['data_offsets']!r:.60}")
+                    end = max(end, b)
+            except (ValueError, KeyError, TypeError, IndexError, RecursionError) as e:
                 return f"{st.name}: not a safetensors file ({_one_line(e)})"
             if 8 + n + end > st.stat().st_size:
                 return f"{st.name}: truncated ({st.stat().st_size} bytes, header needs {8 + n + end})"
@@ -528,7 +557,10 @@ def verify(weights_dir: str | Path, names: list[str] | None = None, *,
             if include_missing:
                 out.append(VerifyResult(st.spec, False, f"not downloaded (expected at {st.path})"))
             continue
-        out.append(_verify_one(st.spec, st.path))
+        try:
+            out.append(_verify_one(st.spec, st.path))
+        except Exception as e:  # noqa: BLE001 - one garbage file must not hide the report on the others
+            out.append(VerifyResult(st.spec, False, f"unreadable ({_one_line(e)})"))
     return out
 
 

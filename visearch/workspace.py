@@ -22,9 +22,12 @@ class Workspace:
     @classmethod
     def resolve(cls, data_dir: str | Path | None = None, weights_dir: str | Path | None = None,
                 device: str | None = "auto", quiet: bool = True) -> Workspace:
-        return cls(Path(data_dir) if data_dir is not None else default_data_dir(),
-                   Path(weights_dir) if weights_dir is not None else default_weights_dir(),
-                   device or "auto", quiet)
+        d = Path(data_dir) if data_dir is not None else default_data_dir()
+        if d.exists() and not d.is_dir():
+            from .errors import DatasetError
+
+            raise DatasetError(f"data dir {d} is not a folder", "pass --data-dir FOLDER (or set VISEARCH_DATA_DIR)")
+        return cls(d, Path(weights_dir) if weights_dir is not None else default_weights_dir(), device or "auto", quiet)
 
     def with_(self, **changes) -> Workspace:
         """A copy with some fields changed (e.g. `ws.with_(device="cpu")`)."""

@@ -66,6 +66,20 @@ def weights_dir(tmp_path_factory) -> Path:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def test_weights_dir_holds_every_file_a_user_has(weights_dir):
+    """The test folder is the folder a user has after `weights download` of every model and of the default detector
+    (and the files the seed prototype fetched, e.g. the ITQ npz that once crashed `load_model("ames")`)."""
+    from visearch import weight_files as weights
+
+    needed = {n for names in weights.requirements().values() for n in names}
+    status = {st.spec.name: st for st in weights.status(weights_dir)}
+    assert needed - {"grounding-dino-base"} <= {n for n, st in status.items() if st.present}, \
+        {n: st.present for n, st in status.items()}
+    prototype = {"CVPR2022_CVNet_R50.pyth", "cvnet_detector.pt", "itq_r101_cvnet_D128.npz", "r101_cvnet_ames.pt"}
+    assert prototype <= {p.name for p in weights_dir.iterdir()}
+    assert set(FILES.values()) == {p.name for p in weights_dir.iterdir()}
+
+
 # ---- superglobal-r50 ------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def sg(tmp_path_factory, weights_dir) -> dict:

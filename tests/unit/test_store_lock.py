@@ -26,6 +26,20 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _fds(pid: int) -> list[str]:
+    try:
+        return os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+
+
+def _link(pid: int, fd: str) -> str | None:
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+
+
 def _run_then_kill(tmp_path: Path, body: str) -> int:
     """Run `body` in a fresh interpreter (it prints a child's pid, then waits); SIGKILL it; return the child pid."""
     script = tmp_path / "holder.py"
@@ -54,6 +68,12 @@ def test_forked_child_does_not_keep_the_writer_lock(tmp_path):
         time.sleep(60)
     """)
     try:
+        # the child drops its reference first thing after the fork (on a loaded machine that may be just after the
+        # parent printed its pid): wait for that, at most a few seconds
+        lock = str((tmp_path / "store" / ".lock").resolve())
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and any(_link(child, fd) == lock for fd in _fds(child)):
+            time.sleep(0.01)
         assert _alive(child)
         # the parent is dead, its forked child alive: the lock is free (it used to stay with the child)
         with StoreWriter(Store.open(tmp_path / "store")) as w:

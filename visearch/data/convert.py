@@ -2,11 +2,14 @@
 an official revisitop folder as is. Ground truth files: see ground_truth.py."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
 import re
+import shutil
 import stat as stat_mod
+import tempfile
 import unicodedata
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DatasetError, ImageError, UsageError
-from ..fsutil import atomic_write, cleanup_temps
+from ..fsutil import atomic_write, cleanup_temps, fsync_dir
 from ..images import exif_orientation, image_size, is_image_file, load_rgb_bytes
-from .dataset import SCHEMA_VERSION, Source, read_sources, write_sources
+from ..paths import inside
+from .dataset import SCHEMA_VERSION, SOURCES_FILE, Source, read_sources, write_sources
 from .ground_truth import parse as parse_ground_truth
+from .ground_truth import precheck as precheck_ground_truth
 from .ground_truth import reapply as reapply_ground_truth
 from .revisitop import is_revisitop_folder, read_gnd, validate_gnd, write_gnd
 
@@ -114,11 +119,52 @@ def convert(
     src = src.resolve()
     data_dir = Path(data_dir).expanduser()
     out = data_dir / name
-    if is_revisitop_folder(src):
-        if ground_truth is not None:
-            raise UsageError(f"{src} is a revisitop dataset with its own ground truth", "leave out --ground-truth")
-        return _import_revisitop(src, out, name, progress, on_total)
-    return _convert_folder(src, data_dir, out, name, ground_truth, progress, on_total, workers, replace)
+    if out.exists():
+        res = out.resolve()
+        ours = (out / SOURCES_FILE).is_file() and (read_sources(out) or {}).get("origin", "folder") == "folder"
+        if (src == res and ours) or res in src.parents:
+            raise DatasetError(f"refusing to convert {src} into itself: it is (inside) the dataset folder {out}",
+                               "convert the original photo folder; the dataset folder is visearch's output")
+    revisitop = is_revisitop_folder(src)
+    if revisitop and ground_truth is not None:
+        raise UsageError(f"{src} is a revisitop dataset with its own ground truth", "leave out --ground-truth")
+    if ground_truth is not None:
+        precheck_ground_truth(Path(ground_truth))  # before any image is re-encoded
+    if out.exists() and any(out.iterdir()):
+        if revisitop:
+            return _import_revisitop(src, out, name, progress, on_total)
+        return _convert_folder(src, data_dir, out, name, ground_truth, progress, on_total, workers, replace)
+    # a first conversion is built beside and renamed into place at the end, so a failed or killed first run leaves
+    # nothing under the name (only a hidden build folder, removed by the next run)
+    _remove_stale_builds(data_dir, name)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    build = Path(tempfile.mkdtemp(prefix=f".{name}{BUILD_MARK}", dir=data_dir))
+    try:
+        if revisitop:
+            rep = _import_revisitop(src, build, name, progress, on_total)
+        else:
+            rep = _convert_folder(src, data_dir, build, name, ground_truth, progress, on_total, workers, replace)
+        if out.exists():
+            out.rmdir()  # empty (checked above); a non-empty one appearing meanwhile makes the rename fail
+        os.rename(build, out)
+        fsync_dir(data_dir)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
+    rep.root = out
+    return rep
+
+
+BUILD_MARK = ".build-"
+
+
+def _remove_stale_builds(data_dir: Path, name: str) -> None:
+    """Remove the build folders of first conversions of `name` that were killed before their final rename."""
+    if not data_dir.is_dir():
+        return
+    for p in data_dir.iterdir():
+        if p.name.startswith(f".{name}{BUILD_MARK}") and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def _prepare_out(out: Path, name: str, src: Path, origin: str, replace: bool) -> dict[str, Any] | None:
@@ -137,6 +183,7 @@ def _prepare_out(out: Path, name: str, src: Path, origin: str, replace: bool) ->
             raise DatasetError(f"dataset {name!r} was converted from {old}, not {src}",
                                "choose another --name, or pass --replace to make this folder its source")
     (out / "jpg").mkdir(parents=True, exist_ok=True)
+    inside(out, out / "jpg" / "x.jpg")  # jpg/ must not be a link out of the dataset folder
     cleanup_temps(out)
     cleanup_temps(out / "jpg")
     return meta
@@ -228,7 +275,8 @@ def _process_file(path: Path, rel: str, iid: str, prev: Source | None, jpg: Path
         return _Result(iid, path, rel, "skipped", reason="not a regular file")
     have_jpg = jpg.is_file()
     if prev is not None and have_jpg and prev.size == st.st_size and prev.mtime_ns == st.st_mtime_ns:
-        return _Result(iid, path, rel, "unchanged", prev)
+        # unchanged content, but the path is today's: after a move + --replace, results point into the new folder
+        return _Result(iid, path, rel, "unchanged", dataclasses.replace(prev, path=str(path), rel=rel))
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -370,7 +418,7 @@ def _convert_folder(src: Path, data_dir: Path, out: Path, name: str, ground_trut
     write_sources(out, new_meta)
     for iid in report.removed:
         try:
-            (jpg_dir / f"{iid}.jpg").unlink()
+            inside(out, jpg_dir / f"{iid}.jpg").unlink()
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -396,8 +444,6 @@ def _check_box(bbx: Sequence[float], w: int, h: int, what: str, report: ConvertR
 def _import_revisitop(src: Path, out: Path, name: str, progress: Callable[[int], None] | None,
                       on_total: Callable[[int], None] | None) -> ConvertReport:
     """Use an official revisitop folder as is: validate its gnd, link (or copy) its images, keep its ground truth."""
-    import shutil
-
     pkls = sorted(src.glob("gnd_*.pkl"))
     preferred = src / f"gnd_{src.name}.pkl"
     if preferred in pkls:
@@ -432,7 +478,7 @@ def _import_revisitop(src: Path, out: Path, name: str, progress: Callable[[int],
         s = src / "jpg" / f"{iid}.jpg"
         st = s.stat()
         info[iid] = Source(str(s), st.st_size, st.st_mtime_ns, None, None)
-        dst = out / "jpg" / f"{iid}.jpg"
+        dst = inside(out, out / "jpg" / f"{iid}.jpg")  # ids are checked names; this proves the write stays inside
         if not same:
             ok = False
             try:
@@ -464,7 +510,7 @@ def _import_revisitop(src: Path, out: Path, name: str, progress: Callable[[int],
     if not same:
         for iid in report.removed:
             try:
-                (out / "jpg" / f"{iid}.jpg").unlink()
+                inside(out, out / "jpg" / f"{iid}.jpg").unlink()
             except OSError:
                 pass
     report.n_images, report.n_queries = len(cfg["imlist"]), len(cfg["qimlist"])

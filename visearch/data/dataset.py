@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import DatasetError
 from ..fsutil import atomic_write
+from ..paths import check_id
 from .revisitop import read_gnd, validate_gnd
 
 SOURCES_FILE = "sources.json"
@@ -128,12 +129,46 @@ def read_sources(root: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads(p.read_text(encoding="utf-8"))
         meta["images"] = {k: Source(**v) for k, v in meta.get("images", {}).items()}
-    except (OSError, ValueError, TypeError, AttributeError) as e:
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError) as e:
         raise DatasetError(f"{p} is corrupt ({type(e).__name__})",
                            "re-run `visearch convert` on the original folder to rebuild it") from None
+    problem = _sources_problem(meta)
+    if problem:
+        raise DatasetError(f"{p} is corrupt ({problem})",
+                           "re-run `visearch convert` on the original folder to rebuild it")
+    for k in meta["images"]:
+        check_id(k, p)  # ids name files inside the dataset folder: no separators, '..' or NUL
+    for e in meta.get("ground_truth") or []:
+        for i in [e["query"], *e.get("easy", []), *e.get("hard", []), *e.get("junk", [])]:
+            check_id(i, p)
     if meta.get("schema", 1) > SCHEMA_VERSION:
         raise DatasetError(f"{p} was written by a newer visearch (schema {meta.get('schema')})", "upgrade visearch")
     return meta
+
+
+def _sources_problem(meta: dict[str, Any]) -> str | None:
+    """Why a parsed sources.json has the wrong types (fields checked before any is used), or None."""
+    for k, v in meta["images"].items():
+        if not (isinstance(v.path, str) and type(v.size) is int and type(v.mtime_ns) is int
+                and isinstance(v.sha256, (str, type(None))) and isinstance(v.rel, (str, type(None)))):
+            return f"image {k[:60]!r} has fields of the wrong type"
+    if not isinstance(meta.get("source_root", ""), (str, type(None))) or not isinstance(meta.get("origin", ""), str):
+        return "source_root / origin are not strings"
+    gt = meta.get("ground_truth")
+    if gt is not None:
+        if not isinstance(gt, list):
+            return "ground_truth is not a list"
+        for e in gt:
+            if not isinstance(e, dict) or not isinstance(e.get("query"), str):
+                return "a ground_truth entry has no query id"
+            if not all(isinstance(e.get(k, []), list) and all(isinstance(i, str) for i in e.get(k, []))
+                       for k in ("easy", "hard", "junk")):
+                return "a ground_truth entry's easy/hard/junk are not lists of ids"
+            b = e.get("bbox")
+            if b is not None and not (isinstance(b, list) and len(b) == 4 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1e12 for v in b)):
+                return "a ground_truth bbox is not 4 numbers"
+    return None
 
 
 def write_sources(root: Path, meta: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -50,10 +51,18 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         for k, it in enumerate(items):
             if not isinstance(it, dict) or not isinstance(it.get("image") or it.get("query"), str):
                 raise DatasetError(f"ground truth {path}: query #{k + 1} has no \"image\" path", "see README")
-            pos = list(it.get("positives", [])) + list(it.get("easy", []))
+            where = f"query #{k + 1}"
+
+            def paths(key: str, it=it, where=where) -> list[str]:
+                v = it.get(key, [])
+                if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+                    raise DatasetError(f"ground truth {path} {where}: \"{key}\" must be a list of image paths, "
+                                       f"got {json.dumps(v)[:60]}", f'e.g. "{key}": ["db/photo_1.jpg"]')
+                return v
+
             rows.append({"image": it.get("image") or it.get("query"), "bbox": it.get("bbox", it.get("bbx")),
-                         "easy": pos, "hard": list(it.get("hard", [])), "junk": list(it.get("junk", [])),
-                         "where": f"query #{k + 1}"})
+                         "easy": paths("positives") + paths("easy"), "hard": paths("hard"), "junk": paths("junk"),
+                         "where": where})
         return rows
     reader = csv.DictReader(io.StringIO(text))
     fields = [f.strip().lower() for f in (reader.fieldnames or [])]
@@ -80,6 +89,29 @@ def read_rows(path: Path) -> list[dict[str, Any]]:
         rows.append({"image": r["query"], "bbox": bbox, "easy": split(r.get("positives", "")),
                      "hard": split(r.get("hard", "")), "junk": split(r.get("junk", "")), "where": f"line {line}"})
     return rows
+
+
+def _bbox(row: dict[str, Any], path: Path) -> list[float] | None:
+    """A row's box as four finite floats (None: whole image); DatasetError (one line) otherwise."""
+    if row["bbox"] is None:
+        return None
+    try:
+        bbox = [float(v) for v in row["bbox"]] if isinstance(row["bbox"], (list, tuple)) else []
+    except (TypeError, ValueError, OverflowError):
+        bbox = []
+    if len(bbox) != 4 or not all(math.isfinite(v) and abs(v) < 1e9 for v in bbox):
+        raise DatasetError(f"ground truth {path} {row['where']}: bbox {str(row['bbox'])[:80]} is not "
+                           "[x1, y1, x2, y2] (four finite pixel coordinates)", "see the format in README")
+    return bbox
+
+
+def precheck(path: Path) -> None:
+    """Everything about a ground-truth file that does not need the converted images (syntax, types, boxes), so
+    `convert` refuses a bad file before it re-encodes any image."""
+    if not path.is_file():
+        raise DatasetError(f"ground truth file {path} not found", "check the --ground-truth path")
+    for row in read_rows(path):
+        _bbox(row, path)
 
 
 def parse(path: Path, src: Path, info: dict[str, Source], skipped_rels: set[str],
@@ -125,16 +157,7 @@ def parse(path: Path, src: Path, info: dict[str, Source], skipped_rels: set[str]
             warnings.append(f"ground truth {row['where']}: query {row['image']} was skipped (bad image); "
                                    "query dropped")
             continue
-        entry: dict[str, Any] = {"query": qid, "bbox": None}
-        if row["bbox"] is not None:
-            try:
-                bbox = [float(v) for v in row["bbox"]]
-            except (TypeError, ValueError):
-                bbox = []
-            if len(bbox) != 4:
-                raise DatasetError(f"ground truth {path} {row['where']}: bbox {row['bbox']} is not [x1, y1, x2, y2]",
-                                   "see the format in README")
-            entry["bbox"] = bbox
+        entry: dict[str, Any] = {"query": qid, "bbox": _bbox(row, path)}
         for k in ("easy", "hard", "junk"):
             ids = []
             for p in row[k]:

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import DatasetError, first_line
 from ..fsutil import atomic_write
+from ..paths import check_id
 
 
 def is_revisitop_folder(folder: str | Path) -> bool:
@@ -86,6 +87,9 @@ def read_gnd(path: str | Path) -> dict[str, Any]:
         raise DatasetError(f"cannot read ground truth {path} ({e.strerror or e})", "check the file") from None
     if not data:
         raise DatasetError(f"ground truth {path} is empty (0 bytes)", "re-run convert or download it again")
+    if len(data) > MAX_GND_BYTES:
+        raise DatasetError(f"ground truth {path} is {len(data) / 2**20:.0f} MiB, more than a gnd pickle can need "
+                           f"({MAX_GND_BYTES >> 20} MiB)", "use a revisitop gnd_<name>.pkl")
     try:
         obj = _RestrictedUnpickler(io.BytesIO(data), encoding="latin1").load()
     except _ForbiddenGlobal as e:
@@ -98,7 +102,50 @@ def read_gnd(path: str | Path) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise DatasetError(f"ground truth {path} holds a {type(obj).__name__}, expected a dict with imlist, "
                            "qimlist and gnd", "use a revisitop gnd_<name>.pkl")
+    problem = _shape_problem(obj, max(MIN_NODE_BUDGET, 4 * len(data)))
+    if problem:
+        raise DatasetError(f"refusing ground truth {path}: {problem}",
+                           "a gnd pickle holds plain lists, dicts, numbers and strings; use a revisitop gnd_<name>.pkl")
     return obj
+
+
+MAX_GND_BYTES = 256 << 20  # the official roxford5k / rparis6k files are under 1 MiB
+MIN_NODE_BUDGET = 1_000_000
+MAX_DEPTH = 6  # dict -> gnd list -> entry dict -> list -> number is 4 deep
+
+
+def _shape_problem(obj: Any, budget: int) -> str | None:
+    """Walk the unpickled object once, counting every visit (shared references too, so a "billion laughs" pickle
+    of 40 self-doubling lists is cut off after `budget` visits instead of expanding to 2**40 nodes) and refusing
+    nesting deeper than MAX_DEPTH. Returns why the object cannot be a gnd dict, or None."""
+    left = [budget]
+    stack: list[tuple[Any, int]] = [(obj, 0)]
+    while stack:
+        x, depth = stack.pop()
+        left[0] -= 1
+        if left[0] < 0:
+            return f"it expands to more than {budget:,} objects (a pickle bomb?)"
+        if depth > MAX_DEPTH:
+            return f"it is nested more than {MAX_DEPTH} levels deep"
+        if isinstance(x, dict):
+            for k, v in x.items():
+                if not isinstance(k, (str, int)):
+                    return f"a dict key is a {type(k).__name__}"
+                stack.append((v, depth + 1))
+        elif isinstance(x, (list, tuple, set, frozenset)):
+            if len(x) > left[0]:
+                return f"it expands to more than {budget:,} objects (a pickle bomb?)"
+            stack.extend((v, depth + 1) for v in x)
+        elif isinstance(x, np.ndarray):
+            if x.dtype == object:
+                if x.size > left[0]:
+                    return f"it expands to more than {budget:,} objects (a pickle bomb?)"
+                stack.extend((v, depth + 1) for v in x.reshape(-1))
+            elif x.dtype.kind not in "biufUS":
+                return f"it holds a numpy array of dtype {x.dtype}"
+        elif not isinstance(x, (str, bytes, int, float, np.generic)) and x is not None:
+            return f"it holds a {type(x).__name__}"
+    return None
 
 
 def _int_list(x: Any, what: str, path: Path) -> list[int]:
@@ -119,18 +166,27 @@ def validate_gnd(cfg: dict[str, Any], path: str | Path = "gnd") -> dict[str, Any
     for key in ("imlist", "qimlist"):
         if key not in cfg:
             raise DatasetError(f"{path} has no {key!r}", "a revisitop gnd pickle needs imlist, qimlist and gnd")
-    try:
-        imlist = [str(s) for s in list(cfg["imlist"])]
-        qimlist = [str(s) for s in list(cfg["qimlist"])]
-    except TypeError:
-        raise DatasetError(f"{path}: imlist/qimlist are not lists of names", "fix the ground truth") from None
+    lists = {}
+    for key in ("imlist", "qimlist"):
+        v = cfg[key]
+        if isinstance(v, np.ndarray) and v.dtype.kind == "U":
+            v = v.tolist()
+        if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) for s in v):
+            raise DatasetError(f"{path}: {key} is not a list of image names (a {type(v).__name__})",
+                               "fix the ground truth")
+        lists[key] = [check_id(str(s), f"{path} {key}") for s in v]  # ids name files: no '/', '..', NUL
+    imlist, qimlist = lists["imlist"], lists["qimlist"]
     raw = cfg.get("gnd", [])
+    if raw is not None and not isinstance(raw, (list, tuple)):
+        raise DatasetError(f"{path}: gnd is a {type(raw).__name__}, expected a list with one dict per query",
+                           "fix the ground truth")
     raw = list(raw) if raw is not None else []
     if len(raw) != len(qimlist):
         raise DatasetError(f"{path}: {len(raw)} gnd entries for {len(qimlist)} queries",
                            "gnd must have one entry per query in qimlist")
     if len(set(imlist)) != len(imlist):
-        dup = next(s for s in imlist if imlist.count(s) > 1)
+        seen: set[str] = set()
+        dup = next(s for s in imlist if s in seen or seen.add(s))
         raise DatasetError(f"{path}: image {dup!r} appears twice in imlist", "image names must be unique")
     n = len(imlist)
     gnd = []

@@ -24,6 +24,7 @@ import torch
 
 from ..errors import ModelError, WeightsError
 from ..fsutil import sha256_file
+from ..images import check_aspect, work_scale
 from .base import Describer, Features, LocalField
 from .nets.ames_detector import load_detector
 from .nets.ames_transformer import ITQ_BITS, LOCAL_DIM, MODEL_DIM, PACKED_BYTES, load_ames
@@ -71,9 +72,12 @@ class AMESDescriber(Describer):
 
     # ---- local features -----------------------------------------------------------------------------------------
     def _scales_for(self, h: int, w: int) -> list[float]:
-        """Reference: scales * imsize / long side when a size is set; we apply it only to shrink large images."""
-        if self.max_side and max(h, w) > self.max_side:
-            f = self.max_side / max(h, w)
+        """Reference: scales * imsize / long side when a size is set; we apply it only to shrink large images (and
+        images above MAX_DESCRIBE_PIXELS, so the work per image stays bounded)."""
+        check_aspect(w, h, "image")
+        f = self.max_side / max(h, w) if self.max_side and max(h, w) > self.max_side else 1.0
+        f = min(f, work_scale(w, h))
+        if f < 1.0:
             return [s * f for s in self.scales]
         return list(self.scales)
 
@@ -132,6 +136,7 @@ class AMESDescriber(Describer):
 
     # ---- extraction ---------------------------------------------------------------------------------------------
     def _extract(self, images: Sequence[np.ndarray], database: bool) -> Features:
+        self.global_model.batch_size = self.batch_size  # extract's --batch-size reaches the global path too
         glob = self.global_model.extract(images).global_  # decodes nothing: arrays are shared
         loc = [self._local_one(self._bgr(im)) for im in images]
         k = self.topk
@@ -188,10 +193,10 @@ def build(config: dict[str, Any], weights: Path | None, weights_dir: Path, devic
         try:
             with np.load(itq) as z:
                 proj = z["proj"]
-            same = proj.shape == (LOCAL_DIM, ITQ_BITS) and np.allclose(proj, ames.remap_local[0].W.cpu().numpy())
+            same = proj.shape == (LOCAL_DIM, ITQ_BITS) and np.allclose(proj, ames.remap_local[0].W.detach().cpu().numpy())
             log.debug("%s %s the checkpoint's ITQ projection (the checkpoint's is used)", itq,
                       "matches" if same else "differs from")
-        except (OSError, KeyError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - any garbage (BadZipFile, EOFError, ...): informative file only
             log.warning("ignoring unreadable %s (%s); the AMES checkpoint carries the projection", itq, e)
 
     sha = hashlib.sha256()

@@ -64,6 +64,8 @@ class Describer(DescriberProtocol):
     `config` is the resolved model configuration (recorded in the store; a store built with another config is refused).
     `weights_sha256` identifies the weights (recorded in the store).
     `local_fields` is empty for global-only models.
+    `batch_size`, when set (extract's --batch-size), is the most images per forward pass at run time, instead of the
+    configured `describe.batch_size`; it is not part of the store identity (descriptors do not depend on it).
     """
 
     name: str
@@ -72,6 +74,7 @@ class Describer(DescriberProtocol):
     device: Any = None
     weights_sha256: str | None = None
     local_fields: dict[str, LocalField] = field(default_factory=dict)
+    batch_size: int | None = None
 
     def extract(self, images: Sequence[np.ndarray]) -> Features:
         """Describe a batch of RGB uint8 arrays. Must be implemented by every model."""

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from ..errors import ImageError, ModelError, WeightsError
 from ..fsutil import sha256_file
+from ..images import check_aspect
 from .base import Describer, Features
 from .nets.efficientnet_lite import DIM, WEIGHTS_FILE, EfficientNetLite0, load_state_strict
 
@@ -67,7 +68,9 @@ class LiteDescriber(Describer):
     """Global descriptor: multi-scale GeM over EfficientNet-Lite0's last feature map, `[N, 1280]`."""
 
     def __init__(self, net: EfficientNetLite0, config: dict[str, Any], device: torch.device, weights_sha256: str):
-        super().__init__(name="lite", dim=DIM, config=config, device=device, weights_sha256=weights_sha256)
+        # the config's canonical name: a second lite config (other describe settings) gets a store of its own
+        super().__init__(name=str(config.get("name", "lite")), dim=DIM, config=config, device=device,
+                         weights_sha256=weights_sha256)
         d = config["describe"]  # every key present: config/schema.py holds the defaults
         self.scales = [float(s) for s in d["scales"]]
         self.gem_p = float(d["gem_p"])
@@ -109,6 +112,7 @@ class LiteDescriber(Describer):
         for idx in groups.values():
             x = self._to_tensor([images[i] for i in idx])
             h, w = x.shape[-2:]
+            check_aspect(int(w), int(h), "image")  # the same work bound as every model
             base = base_long_side(h, w, self.max_side, self.upscale, self.min_side)
             desc = torch.zeros(len(idx), DIM, device=self.device)
             for s in self.scales:

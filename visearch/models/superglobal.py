@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ModelError, WeightsError
+from ..images import check_aspect, work_scale
 from .base import Describer, Features
 from .nets.cvnet_resnet import CVNetResNet, load_cvnet_state
 
@@ -82,13 +83,15 @@ class SuperGlobal(Describer):
         if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
             raise ModelError(f"superglobal expects RGB uint8 [H, W, 3] arrays, got {rgb.dtype} {rgb.shape}",
                              "load images with visearch.images.load_rgb")
+        h, w = rgb.shape[:2]
+        check_aspect(w, h, "image")  # bounded work: the short side may be upsampled to min_side below
         bgr = np.ascontiguousarray(rgb[:, :, ::-1])
         max_side = int(self.config["describe"]["max_side"] or 0)
-        h, w = bgr.shape[:2]
-        if max_side and max(h, w) > max_side:
+        f = max_side / max(h, w) if max_side and max(h, w) > max_side else 1.0
+        f = min(f, work_scale(w, h))  # native resolution, but never above MAX_DESCRIBE_PIXELS
+        if f < 1.0:
             import cv2
 
-            f = max_side / max(h, w)
             bgr = cv2.resize(bgr, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
         return bgr
 
@@ -145,7 +148,7 @@ class SuperGlobal(Describer):
         groups: dict[tuple[int, int], list[int]] = {}
         for i, im in enumerate(prepared):
             groups.setdefault(im.shape[:2], []).append(i)
-        bs = max(1, int(self.config["describe"]["batch_size"]))
+        bs = max(1, int(self.batch_size or self.config["describe"]["batch_size"]))
         for idx in groups.values():
             for start in range(0, len(idx), bs):
                 chunk = idx[start:start + bs]

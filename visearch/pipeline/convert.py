@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..fsutil import refused_writes
 from ..workspace import Workspace
 
 
@@ -16,6 +17,6 @@ def convert(source: str | Path, name: str, data_dir: str | Path | None = None,
     from .. import data, progress
 
     ws = workspace or Workspace.resolve(data_dir, quiet=quiet)
-    with progress.task(f"convert {name}", None, ws.quiet) as advance:
+    with refused_writes(f"the data dir {ws.data_dir}"), progress.task(f"convert {name}", None, ws.quiet) as advance:
         return data.convert(source, ws.data_dir, name, ground_truth=ground_truth, progress=advance,
                             on_total=advance.set_total, replace=replace)

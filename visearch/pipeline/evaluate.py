@@ -15,7 +15,7 @@ from .search import Searcher
 def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = None,
              weights: str | Path | None = None, weights_dir: str | Path | None = None, device: str = "auto",
              rerank: bool = True, quiet: bool = True, searcher: Searcher | None = None, *,
-             workspace: Workspace | None = None) -> dict[str, Any]:
+             workspace: Workspace | None = None, exact: bool = False) -> dict[str, Any]:
     """Revisitop protocol: queries cropped to their bbx, full ranking of the database, Easy/Medium/Hard mAP and mP@k.
 
     Returns {"dataset", "model", "global": {...}, "reranked": {...} or None} with per-protocol
@@ -25,7 +25,7 @@ def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = No
     from ..metrics import evaluate_protocols
 
     ws = workspace or Workspace.resolve(data_dir, weights_dir, device, quiet)
-    s = searcher or Searcher(dataset, model, weights=weights, rerank=rerank, workspace=ws)
+    s = searcher or Searcher(dataset, model, weights=weights, rerank=rerank, workspace=ws, exact=exact)
     ds = s.dataset
     if not ds.gnd:
         raise DatasetError(f"dataset {dataset!r} has no ground truth",
@@ -35,6 +35,11 @@ def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = No
     if missing:
         raise StoreError(f"{len(missing)} database images of {dataset!r} have no descriptors (e.g. {missing[0]})",
                          f"run `visearch extract {dataset} --model {s.model}`")
+    in_dataset = set(ds.imlist)
+    stale = [i for i in live_rows if i not in in_dataset]
+    if stale:  # they would be ranked as images the ground truth knows nothing of
+        raise StoreError(f"{len(stale)} descriptors in the {s.model} store of {dataset!r} are of images no longer in "
+                         f"the dataset (e.g. {stale[0]})", f"run `visearch extract {dataset} --model {s.model}`")
     # store rows -> imlist positions, so rankings index imlist as the ground truth does
     row_to_pos = np.full(len(s.store), -1, np.int64)
     for pos, i in enumerate(ds.imlist):

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ..errors import ImageError, StoreError
+from ..fsutil import refused_writes
 from ..workspace import Workspace
 
 
@@ -31,6 +32,7 @@ class ExtractReport:
     failed: list[tuple[str, str]] = field(default_factory=list)
     total: int = 0
     seconds: float = 0.0
+    index: Any = None  # visearch.index.IndexReport when the store has an index that extract brought up to date
 
     @property
     def images_per_s(self) -> float:
@@ -102,6 +104,7 @@ class ExtractPlan:
     dead_rows: list[int]
     batches: list[list[str]]
     fingerprints: dict[str, str]
+    changed: set[str] = field(default_factory=set)  # ids whose stored row died because the image changed
 
     @property
     def n_images(self) -> int:
@@ -121,7 +124,7 @@ def _stored_fingerprints(store) -> dict[int, tuple[str, str]]:
 def plan(ds, store, batch_size: int, report: ExtractReport) -> ExtractPlan:
     """Compare dataset `ds` with `store` (read under the writer's lock): rows of deleted or changed images die,
     new and changed images are batched. Counts and unreadable files go into `report`."""
-    from ..images import image_size
+    from ..images import check_aspect, image_size
 
     fingerprints = {i: fp for i in ds.imlist if (fp := fingerprint(ds.image_path(i))) is not None}
     stored = _stored_fingerprints(store)
@@ -132,7 +135,7 @@ def plan(ds, store, batch_size: int, report: ExtractReport) -> ExtractPlan:
             report.removed += 1
         elif fp != fingerprints[i]:
             dead.append(row)
-            report.updated += 1
+    changed = {stored[row][0] for row in dead if stored[row][0] in fingerprints}
     dead_set = set(dead)
     current = {i for row, (i, fp) in stored.items() if row not in dead_set}
     todo = [i for i in ds.imlist if i in fingerprints and i not in current]
@@ -141,12 +144,20 @@ def plan(ds, store, batch_size: int, report: ExtractReport) -> ExtractPlan:
     for i in todo:
         try:  # header only: batches group images of equal decoded size
             w, h = image_size(ds.image_path(i), apply_exif=ds.load_options()["apply_exif"])
+            check_aspect(w, h, str(ds.image_path(i)))  # bounded work per image: refused with its reason
             keys.append((h, w, i))
         except ImageError as e:  # unreadable file: reported, never fatal
             report.failed.append((i, e.message))
-    p = ExtractPlan(dead, plan_batches(keys, batch_size), fingerprints)
-    report.added = p.n_images - report.updated
-    return p
+    # added / updated are counted from what gets described (see count), so they never go negative
+    return ExtractPlan(dead, plan_batches(keys, batch_size), fingerprints, changed)
+
+
+def count(report: ExtractReport, p: ExtractPlan, described: Sequence[str]) -> None:
+    """Final counts: `updated` = changed images described again, `added` = the other described ones, `removed` +=
+    changed images that no longer decode (their old row is gone and nothing replaced it; they are in `failed`)."""
+    report.updated = sum(1 for i in described if i in p.changed)
+    report.added = len(described) - report.updated
+    report.removed += len(p.changed) - report.updated
 
 
 # ---- run: engines ---------------------------------------------------------------------------------------------------
@@ -232,17 +243,25 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
     New images are described, deleted ones tombstoned, changed ones (new size or mtime) tombstoned and re-described.
     Work is committed in shards of about `shard_rows` images, so a killed run resumes where it stopped. `workspace`,
     when given, supplies data_dir, weights_dir, device and quiet; `engine` describes the batches (default:
-    LocalEngine(workers))."""
+    LocalEngine(workers)). A store that cannot be written (read-only folder or file system) is a StoreError naming
+    the path; a damaged shard (checksums are verified when the store is opened) is a StoreError naming the shard."""
+    ws = workspace or Workspace.resolve(data_dir, weights_dir, device, quiet)
+    with refused_writes(f"the store folder under {ws.data_dir / dataset}", StoreError):
+        return _extract(dataset, model, weights, batch_size, workers, rebuild, shard_rows, describer, ws, engine)
+
+
+def _extract(dataset, model, weights, batch_size, workers, rebuild, shard_rows, describer, ws: Workspace,
+             engine) -> ExtractReport:
     from .. import progress
     from ..data import load_dataset
     from ..registry import load_model
     from ..store import Store, StoreWriter, remove_store, store_path
 
-    ws = workspace or Workspace.resolve(data_dir, weights_dir, device, quiet)
     t0 = time.perf_counter()
     shard_rows = shard_rows or int(os.environ.get("VISEARCH_SHARD_ROWS", "512"))
     ds = load_dataset(ws.data_dir, dataset)
     describer = describer or load_model(model, weights=weights, weights_dir=ws.weights_dir, device=ws.device)
+    describer.batch_size = batch_size  # images per forward pass: the planned batches are not split again
     engine = engine or LocalEngine(workers)
     spath = store_path(ws.data_dir, dataset, describer.name)
     identity = store_identity(describer)
@@ -257,6 +276,7 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
                              weights_sha256=describer.weights_sha256, local_fields=describer.local_fields,
                              dtype=describer.config["store"]["dtype"], dataset=dataset)
     check_store(store, describer)
+    store.verify()  # every chunk's checksum: a damaged shard is named now, not met later by a query
     report = ExtractReport(dataset, describer.name, spath, total=len(ds.imlist))
 
     with StoreWriter(store) as writer:
@@ -265,9 +285,11 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
         with progress.task(f"extract {dataset} [{describer.name}]", p.n_images, ws.quiet) as advance:
             pending_ids: list[str] = []
             pending: list[Any] = []
+            described: list[str] = []
             for res in engine.run(ds, p.batches, describer):
                 report.failed += res.errors
                 if res.features is not None:
+                    described += res.ok_ids
                     pending_ids += res.ok_ids
                     pending.append(res.features)
                 advance(len(res.ids))
@@ -276,6 +298,10 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
                     pending_ids, pending = [], []
             if pending_ids:
                 commit(writer, pending_ids, pending, p.fingerprints)
+        count(report, p, described)
         writer.compact()
+        from ..index import update_index
+
+        report.index = update_index(writer.store)  # under the writer lock; None when the store has no index
     report.seconds = time.perf_counter() - t0
     return report

@@ -354,5 +354,7 @@ def load_ames(config: dict[str, Any], weights_dir: Path, device: Any) -> AMES:
         raise UsageError(f"unknown AMES variant {variant!r} in config", "use 'float' or 'dist'")
     path = Path(weights_dir) / rr["checkpoint"]
     if not path.is_file():
-        raise WeightsError(f"AMES checkpoint not found: {path}", f"run `visearch weights download {path.name}`")
+        from ...weight_files import download_hint
+
+        raise WeightsError(f"AMES checkpoint not found: {path}", download_hint(path.name, config.get("name")))
     return AMES.from_checkpoint(path, variant, device)
