@@ -446,7 +446,7 @@ def compare(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
             ratio = a[key] / b[key] if b[key] != 0 else None
             higher = key.startswith(HIGHER_IS_BETTER)
             better = None if a[key] == b[key] else ((a[key] > b[key]) == higher)
-            rows[key] = {"old": b[key], "new": a[key], "ratio": None if ratio is None else round(ratio, 4),
+            rows[key] = {"old": b[key], "new": a[key], "ratio": ratio,
                          "better": better}
         out["models"][m] = rows
     return out
