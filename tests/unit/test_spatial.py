@@ -135,6 +135,13 @@ def test_spatial_rerank_is_deterministic_and_scores_inliers(scene):
     ids = [s.store.ids[r] for r in rows[0]]
     target = [i.startswith("target") for i in ids].index(True)
     assert inl[target] >= 15 and inl[target] > 2 * np.delete(inl, target).max()
+    # the reranked Shortlist keeps each row's global cosine in `sims` and orders by the fused score in `scores`
+    from visearch.rerankers.base import Shortlist
+
+    sl = s.reranker.rerank(feats.global_, feats.local, Shortlist(rows, sims), s.store)
+    by_row = dict(zip(rows[0].tolist(), sims[0].tolist()))
+    assert sl.sims[0].tolist() == [by_row[r] for r in sl.rows[0].tolist()]
+    assert np.all(np.diff(sl.scores[0]) <= 0) and np.all(sl.scores[0] >= sl.sims[0] - 1e-6)
 
 
 def test_any_model_uses_spatial_through_its_config():

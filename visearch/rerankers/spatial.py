@@ -14,18 +14,19 @@ Deterministic: each pair's RANSAC starts from the same seed, whatever the order 
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from ..config.schema import SpatialRerank
 from ..errors import ModelError, UsageError
 from ..models.sift import unpack_rootsift
 from .base import Reranker, Shortlist
 
-DEFAULTS: dict[str, Any] = {"shortlist": 100, "ratio": 0.8, "mutual": True, "model": "affine", "threshold": 8.0,
-                            "confidence": 0.999, "max_iters": 1000, "seed": 0, "min_matches": 6, "min_inliers": 6,
-                            "cap": 50, "weight": 1.0, "batch": 16}
+# the defaults live in the config schema (one place); `name` is not a setting of the reranker itself
+DEFAULTS: dict[str, Any] = {k: v for k, v in dataclasses.asdict(SpatialRerank()).items() if k != "name"}
 MODELS = ("affine", "homography")
 
 
@@ -43,25 +44,26 @@ def unpack_local(kp_desc: np.ndarray, kp_xy: np.ndarray) -> tuple[np.ndarray, np
     return unpack_rootsift(np.asarray(kp_desc)[valid]), xy[valid]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SpatialReranker(Reranker):
     """RootSIFT matching + USAC MAGSAC++ verification of the first `shortlist_size` candidates (see module doc)."""
 
     name = "spatial"
 
-    shortlist_size: int = 100
-    ratio: float = 0.8
-    mutual: bool = True
-    model: str = "affine"
-    threshold: float = 8.0
-    confidence: float = 0.999
-    max_iters: int = 1000
-    seed: int = 0
-    min_matches: int = 6
-    min_inliers: int = 6
-    cap: int = 50
-    weight: float = 1.0
-    batch: int = 16
+    # no defaults here: from_config fills every field from the schema's SpatialRerank (one place for the numbers)
+    shortlist_size: int
+    ratio: float
+    mutual: bool
+    model: str
+    threshold: float
+    confidence: float
+    max_iters: int
+    seed: int
+    min_matches: int
+    min_inliers: int
+    cap: int
+    weight: float
+    batch: int
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -164,16 +166,17 @@ class SpatialReranker(Reranker):
     # ---- reranking --------------------------------------------------------------------------------------------------
     def rerank(self, query_global: np.ndarray, query_local: dict[str, np.ndarray] | None,
                shortlist: Shortlist, store: Any) -> Shortlist:
-        """Shortlist reordered: first k by the fused score (their `sims` become that score), the rest as given."""
+        """Shortlist reordered: first k by the fused score (in `scores`; `sims` keep the global cosines of the
+        reordered rows), the rest as given."""
         rows = np.asarray(shortlist.rows)
         sims = np.asarray(shortlist.sims, np.float32)
         k = min(self.shortlist_size, rows.shape[1])
         if k == 0:
-            return Shortlist(rows=rows.copy(), sims=sims.copy())
+            return Shortlist(rows=rows.copy(), sims=sims.copy(), scores=sims.copy())
         if query_local is None or "kp_desc" not in query_local or "kp_xy" not in query_local:
             raise ModelError("spatial reranking needs the query's RootSIFT fields 'kp_desc' and 'kp_xy'",
                              "use a model whose config has [local] kind = \"rootsift\" (e.g. lite-sv)")
-        new_rows, new_sims = rows.copy(), sims.copy()
+        new_rows, new_sims, new_scores = rows.copy(), sims.copy(), sims.copy()
         for i in range(rows.shape[0]):
             local = store.read_local(rows[i, :k])
             if "kp_desc" not in local or "kp_xy" not in local:
@@ -184,8 +187,9 @@ class SpatialReranker(Reranker):
             s = fused_scores(sims[i, :k], inl, self.weight, self.cap, self.min_inliers)
             order = np.argsort(-s, kind="stable")
             new_rows[i, :k] = rows[i, :k][order]
-            new_sims[i, :k] = s[order].astype(np.float32)
-        return Shortlist(rows=new_rows, sims=new_sims)
+            new_sims[i, :k] = sims[i, :k][order]
+            new_scores[i, :k] = s[order].astype(np.float32)
+        return Shortlist(rows=new_rows, sims=new_sims, scores=new_scores)
 
 
 def from_config(rr: dict[str, Any]) -> SpatialReranker:
