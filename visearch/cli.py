@@ -361,43 +361,35 @@ def _serve(dataset, model, host, port, detector, token_file, device, workers, ma
     run_server(opts, host=host, port=port, token_file=token_file, open_browser=open_browser, quiet=state.quiet)
 
 
-_SERVE_OPTIONS = dict(
-    dataset=typer.Option(..., "--dataset", "-d", help="Dataset to serve (repeat for more)."),
-    model=typer.Option(None, "--model", "-m", help="Model to serve (repeat for more) [default: lite]."),
-    host=typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback it needs --token-file."),
-    port=typer.Option(8421, "--port", help="TCP port."),
-    detector=typer.Option(None, "--detector", help="Detector to keep loaded (repeat; the first is the default with "
-                                                   "a prompt) [default: gdino if its weights are present, else tiles]."),
-    token_file=typer.Option(None, "--token-file", help="File holding the bearer token clients must send."),
-    device=typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    workers=typer.Option(1, "--workers", min=1, help="Queries run at once (1 = one model forward at a time)."),
-    max_pending=typer.Option(64, "--max-pending", min=1, help="Running + waiting queries before 503 busy."),
-    max_upload_mb=typer.Option(20.0, "--max-upload-mb", help="Largest upload in MB (larger: 413)."),
-)
+def _serve_command(open_browser: bool, doc: str):
+    """One Typer command for `serve` and `ui` (they differ only in opening the page)."""
+
+    def command(
+        dataset: List[str] = typer.Option(..., "--dataset", "-d", help="Dataset to serve (repeat for more)."),
+        model: Optional[List[str]] = typer.Option(None, "--model", "-m",
+                                                  help="Model to serve (repeat for more) [default: lite]."),
+        host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; beyond loopback it needs --token-file."),
+        port: int = typer.Option(8421, "--port", help="TCP port."),
+        detector: Optional[List[str]] = typer.Option(
+            None, "--detector", help="Detector to keep loaded (repeat; the first is the default with a prompt) "
+                                     "[default: gdino if its weights are present, else tiles]."),
+        token_file: Optional[Path] = typer.Option(None, "--token-file",
+                                                  help="File holding the bearer token clients must send."),
+        device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+        workers: int = typer.Option(1, "--workers", min=1, help="Queries run at once (1 = one model forward at a time)."),
+        max_pending: int = typer.Option(64, "--max-pending", min=1, help="Running + waiting queries before 503 busy."),
+        max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", help="Largest upload in MB (larger: 413)."),
+    ) -> None:
+        _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb,
+               open_browser)
+
+    command.__doc__ = doc
+    return command
 
 
-@app.command()
-def serve(
-    dataset: List[str] = _SERVE_OPTIONS["dataset"], model: Optional[List[str]] = _SERVE_OPTIONS["model"],
-    host: str = _SERVE_OPTIONS["host"], port: int = _SERVE_OPTIONS["port"],
-    detector: Optional[List[str]] = _SERVE_OPTIONS["detector"], token_file: Optional[Path] = _SERVE_OPTIONS["token_file"],
-    device: str = _SERVE_OPTIONS["device"], workers: int = _SERVE_OPTIONS["workers"],
-    max_pending: int = _SERVE_OPTIONS["max_pending"], max_upload_mb: float = _SERVE_OPTIONS["max_upload_mb"],
-) -> None:
-    """Serve the search page and JSON API with models kept in memory (Ctrl-C to stop)."""
-    _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb, False)
-
-
-@app.command()
-def ui(
-    dataset: List[str] = _SERVE_OPTIONS["dataset"], model: Optional[List[str]] = _SERVE_OPTIONS["model"],
-    host: str = _SERVE_OPTIONS["host"], port: int = _SERVE_OPTIONS["port"],
-    detector: Optional[List[str]] = _SERVE_OPTIONS["detector"], token_file: Optional[Path] = _SERVE_OPTIONS["token_file"],
-    device: str = _SERVE_OPTIONS["device"], workers: int = _SERVE_OPTIONS["workers"],
-    max_pending: int = _SERVE_OPTIONS["max_pending"], max_upload_mb: float = _SERVE_OPTIONS["max_upload_mb"],
-) -> None:
-    """`serve`, and open the page in a browser when one is available."""
-    _serve(dataset, model, host, port, detector, token_file, device, workers, max_pending, max_upload_mb, True)
+app.command("serve")(_serve_command(False, "Serve the search page and JSON API with models kept in memory (Ctrl-C to "
+                                           "stop)."))
+app.command("ui")(_serve_command(True, "`serve`, and open the page in a browser when one is available."))
 
 
 # ---- eval -----------------------------------------------------------------------------------------------------------
