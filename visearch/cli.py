@@ -133,12 +133,28 @@ def extract(
     workers: Optional[int] = typer.Option(None, "--workers", min=0, help="Decoding processes [default: auto]."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Discard the existing store and describe everything."),
     json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    engine: str = typer.Option("local", "--engine", help="local (this process) or ray (an actor pool on Ray)."),
+    address: Optional[str] = typer.Option(None, "--address", help="ray: auto or HOST:PORT of a running cluster "
+                                          "[default: a local Ray instance for this run]."),
+    num_workers: Optional[int] = typer.Option(None, "--num-workers", min=1, help="ray: model actors "
+                                              "[default: one per CPU, or per --num-gpus share of the GPUs]."),
+    num_gpus: float = typer.Option(0, "--num-gpus", min=0, help="ray: GPUs per actor (0: actors use the CPU)."),
 ) -> None:
     """Describe the dataset's images into an HDF5 store (incremental and resumable)."""
     from . import api
+    from .registry import load_engine
 
-    r = api.extract(dataset, model, weights=weights, batch_size=batch_size, workers=workers, rebuild=rebuild,
-                    workspace=_workspace(device))
+    if engine == "ray":
+        if workers is not None:
+            raise UsageError("--workers applies to --engine local", "Ray decodes in its own tasks")
+        eng = load_engine("ray", address=address, num_workers=num_workers, num_gpus=num_gpus, device=device)
+        device = "cpu"  # here the model only supplies the store's identity: the actors describe, on eng's device
+    else:
+        if address is not None or num_workers is not None or num_gpus:
+            raise UsageError("--address, --num-workers and --num-gpus apply to --engine ray")
+        eng = load_engine(engine, workers=workers)
+    r = api.extract(dataset, model, weights=weights, batch_size=batch_size, rebuild=rebuild,
+                    workspace=_workspace(device), engine=eng)
     d = {"dataset": r.dataset, "model": r.model, "store": str(r.store), "added": r.added, "updated": r.updated,
          "removed": r.removed, "failed": [{"id": i, "reason": why} for i, why in r.failed], "total": r.total,
          "seconds": round(r.seconds, 3), "images_per_s": round(r.images_per_s, 2)}

@@ -50,6 +50,10 @@ class DeviceError(VisearchError):
     """A device was requested that this machine does not have."""
 
 
+class EngineError(VisearchError):
+    """An extract engine that is not installed, cannot be reached or broke its contract (Ray)."""
+
+
 class SearchIndexError(VisearchError):
     """A first-stage index that is missing, stale (the store changed under it) or cannot be built."""
 

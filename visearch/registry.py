@@ -34,6 +34,12 @@ DETECTORS = {
 
 }
 
+# extract engine name -> "module:class"; Engine(**options) (see visearch.pipeline.extract.Engine)
+ENGINES = {
+    "local": "visearch.pipeline.extract:LocalEngine",
+    "ray": "visearch.pipeline.ray_engine:RayEngine",
+}
+
 
 def _resolve(table: dict[str, str], kind: str, name: str) -> Callable[..., Any]:
     if name not in table:
@@ -50,9 +56,15 @@ def load_model(name: str, weights: str | Path | None = None, weights_dir: str | 
                device: str = "auto", overrides: dict[str, Any] | None = None):
     """Build describer `name` (see `available("models")`). `weights` is a specific checkpoint file (else the
     default file name in `weights_dir`). Returns a Describer whose `describe(images)` gives `[N, D]` float32."""
+    return build_model(load_model_config(name, overrides), weights, weights_dir, device)
+
+
+def build_model(config: dict[str, Any], weights: str | Path | None = None, weights_dir: str | Path | None = None,
+                device: str = "auto"):
+    """Build the describer of an already resolved `config` (load_model_config's result). Another process (a Ray
+    actor) rebuilds the driver's describer from the same dict, so config hooks run once, on the driver."""
     from .device import resolve_device
 
-    config = load_model_config(name, overrides)
     build = _resolve(MODEL_FAMILIES, "model family", config["family"])
     wdir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
     describer = build(config, Path(weights) if weights else None, wdir, resolve_device(device))
@@ -72,6 +84,11 @@ def load_reranker(config: dict[str, Any], weights_dir: str | Path | None = None,
         return None
     wdir = Path(weights_dir) if weights_dir is not None else default_weights_dir()
     return _resolve(RERANKERS, "reranker", name)(config, wdir, resolve_device(device))
+
+
+def load_engine(name: str, **options: Any):
+    """The extract engine `name` ("local" or "ray") built with its options (EngineError when ray is missing)."""
+    return _resolve(ENGINES, "engine", name)(**options)
 
 
 def load_detector(name: str, **options: Any):

@@ -172,10 +172,32 @@ class BatchResult:
     errors: list[tuple[str, str]]
 
 
-class Engine(Protocol):
-    """Describes planned batches. `run` yields exactly one BatchResult per batch, in plan order."""
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build the run's describer again in another process (a Ray actor): picklable plain data. `config` is
+    the resolved configuration (load_model_config's result, hooks applied); `batch_size` as extract's --batch-size."""
 
-    def run(self, ds, batches: list[list[str]], describer) -> Iterator[BatchResult]:
+    config: dict[str, Any]
+    weights: str | None
+    weights_dir: str
+    device: str
+    batch_size: int | None = None
+
+    def load(self):
+        import copy
+
+        from ..registry import build_model
+
+        describer = build_model(copy.deepcopy(self.config), self.weights, self.weights_dir, self.device)
+        describer.batch_size = self.batch_size
+        return describer
+
+
+class Engine(Protocol):
+    """Describes planned batches. `run` yields exactly one BatchResult per batch, in plan order. `describer` is the
+    run's model in this process; `spec` rebuilds it elsewhere (None when the caller passed its own describer)."""
+
+    def run(self, ds, batches: list[list[str]], describer, spec: ModelSpec | None = None) -> Iterator[BatchResult]:
         ...
 
 
@@ -185,7 +207,7 @@ class LocalEngine:
 
     workers: int | None = None
 
-    def run(self, ds, batches: list[list[str]], describer) -> Iterator[BatchResult]:
+    def run(self, ds, batches: list[list[str]], describer, spec: ModelSpec | None = None) -> Iterator[BatchResult]:
         for ids, arrays, errors in _decoded_batches(ds, batches, self.workers):
             ok_ids = [i for i, a in zip(ids, arrays) if a is not None]
             ok = [a for a in arrays if a is not None]
@@ -253,14 +275,18 @@ def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = Non
 def _extract(dataset, model, weights, batch_size, workers, rebuild, shard_rows, describer, ws: Workspace,
              engine) -> ExtractReport:
     from .. import progress
+    from ..config import load_model_config
     from ..data import load_dataset
-    from ..registry import load_model
     from ..store import Store, StoreWriter, remove_store, store_path
 
     t0 = time.perf_counter()
     shard_rows = shard_rows or int(os.environ.get("VISEARCH_SHARD_ROWS", "512"))
     ds = load_dataset(ws.data_dir, dataset)
-    describer = describer or load_model(model, weights=weights, weights_dir=ws.weights_dir, device=ws.device)
+    spec = None
+    if describer is None:
+        spec = ModelSpec(load_model_config(model), str(weights) if weights else None, str(ws.weights_dir),
+                         ws.device, batch_size)
+        describer = spec.load()
     describer.batch_size = batch_size  # images per forward pass: the planned batches are not split again
     engine = engine or LocalEngine(workers)
     spath = store_path(ws.data_dir, dataset, describer.name)
@@ -286,7 +312,7 @@ def _extract(dataset, model, weights, batch_size, workers, rebuild, shard_rows, 
             pending_ids: list[str] = []
             pending: list[Any] = []
             described: list[str] = []
-            for res in engine.run(ds, p.batches, describer):
+            for res in engine.run(ds, p.batches, describer, spec):
                 report.failed += res.errors
                 if res.features is not None:
                     described += res.ok_ids
