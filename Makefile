@@ -10,7 +10,8 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch/torchvision are pinned in pyproject.toml (2.14.1 / 0.29.1: the builds this machine has on disk)
-	$(BIN)/pip install -q -e '.[dev,download]'
+	# the ray extra too: the tests of `extract --engine ray` start a local Ray instance (CI runs them)
+	$(BIN)/pip install -q -e '.[dev,download,ray]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -26,6 +26,10 @@ listed=$("$V" weights list)
 grep -q "CVPR2022_CVNet_R101.pyth" <<<"$listed"
 "$V" convert demo/photos --name demo --ground-truth demo/ground_truth.json --quiet
 "$V" extract demo --model lite --quiet
+# the wheel's plain install has no ray: --engine ray says so in one line and fails
+if noray=$("$V" extract demo --engine ray --quiet 2>&1); then echo "extract --engine ray without ray succeeded" >&2; exit 1; fi
+[ "$noray" = "error: ray is not installed: --engine ray needs the ray extra: pip install 'visearch[ray]'" ] \
+  || { echo "unexpected output of --engine ray without ray: $noray" >&2; exit 1; }
 found=$("$V" query demo/photos/queries/coffee-crop.jpg --dataset demo --top-k 1 --paths --quiet)
 grep -q "objects/coffee.jpg" <<<"$found"
 "$V" eval demo --model lite --json --quiet | "$WORK/venv/bin/python" -c '
