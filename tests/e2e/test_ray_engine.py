@@ -103,6 +103,26 @@ def test_ray_store_equals_local_store(ray_address, tmp_path, model):
     assert _snapshot(a.store) == _snapshot(b.store)
 
 
+def test_an_error_raised_in_an_actor_reaches_the_caller_as_itself(ray_address, tmp_path):
+    from visearch.errors import ModelError
+    from visearch.registry import load_model
+
+    write_photos(tmp_path / "photos", PHOTO_NAMES[:2])
+    ws = api.Workspace.resolve(tmp_path / "data", ROOT / "weights", "cpu")
+    api.convert(tmp_path / "photos", "demo", workspace=ws)
+    describer = load_model("lite", device="cpu")
+
+    def extract(self, images):
+        raise ModelError("the model broke", "on purpose")
+
+    describer.__class__ = type("Broken", (type(describer),), {"extract": extract})  # shipped to the actor by value
+    with pytest.raises(ModelError) as e:
+        api.extract("demo", "lite", workspace=ws, describer=describer, engine=api.RayEngine(num_workers=1))
+    assert (e.value.message, e.value.hint) == ("the model broke", "on purpose")
+    with Store.open(ws.data_dir / "demo" / "features" / "lite") as s:
+        assert len(s) == 0  # nothing committed
+
+
 def _collection(folder: Path) -> int:
     """48 distinct small JPEGs (16 photos at 3 sizes)."""
     folder.mkdir(parents=True)

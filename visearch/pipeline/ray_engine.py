@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EngineError, UsageError
+from ..errors import EngineError, UsageError, VisearchError
 from .extract import BatchResult, ModelSpec
 
 RAY_MISSING = "ray is not installed: --engine ray needs the ray extra: pip install 'visearch[ray]'"
@@ -51,17 +51,28 @@ class _Describe:
 
         os.dup2(2, 1)  # anything a model prints goes to stderr: the driver's stdout carries results only
         sys.stdout = sys.stderr
-        self.options = options
         torch.set_num_threads(threads)  # the driver's count: CPU results then equal the local engine's, bit for bit
-        if spec is not None:
-            self.describer = spec.load()
-        else:
-            import ray
+        self.options = options
+        self.failed: VisearchError | None = None
+        try:
+            if spec is not None:
+                self.describer = spec.load()
+            else:
+                import ray
 
-            self.describer = ray.get(describer_ref)
-        self.local_names = list(self.describer.local_fields)
+                self.describer = ray.get(describer_ref)
+        except VisearchError as e:  # e.g. a weight file missing on this node: reported by the first call
+            self.failed = e
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        try:
+            if self.failed is not None:
+                raise self.failed
+            return self._describe(batch)
+        except VisearchError as e:  # Ray would pass on only its text: the driver raises it again, as itself
+            return {"k": batch["k"], "fatal": [json.dumps([type(e).__name__, e.message, e.hint])]}
+
+    def _describe(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from ..images import ImageFileDataset
 
         items = ImageFileDataset([str(p) for p in batch["paths"][0]], **self.options)
@@ -69,15 +80,16 @@ class _Describe:
         images = [a for _, a in got if isinstance(a, np.ndarray)]
         ok = [j for j, a in got if isinstance(a, np.ndarray)]
         errors = [(j, a) for j, a in got if isinstance(a, str)]
-        out: dict[str, Any] = {"k": batch["k"], "ok": [json.dumps(ok)], "errors": [json.dumps(errors)]}
+        out: dict[str, Any] = {"k": batch["k"], "fatal": [""], "ok": [json.dumps(ok)], "errors": [json.dumps(errors)]}
+        fields = self.describer.local_fields
         if images:
             f = self.describer.extract(images)
             out["global"] = [np.ascontiguousarray(f.global_)]
-            for name in self.local_names:
+            for name in fields:
                 out[f"local.{name}"] = [np.ascontiguousarray(f.local[name])]
         else:
             out["global"] = [np.zeros((0, self.describer.dim), np.float32)]
-            for name, fld in self.describer.local_fields.items():
+            for name, fld in fields.items():
                 out[f"local.{name}"] = [np.zeros((0, *fld.shape), fld.dtype)]
         return out
 
@@ -138,6 +150,7 @@ class RayEngine:
                 ray.shutdown()
 
     def _run(self, ray, ds, batches, describer, spec) -> Iterator[BatchResult]:
+        from .. import errors as errors_module
         from ..models.base import Features
 
         threads = self.threads
@@ -167,7 +180,11 @@ class RayEngine:
                                   num_cpus=1, max_restarts=0)
         names = list(describer.local_fields)
         k = 0
-        for row in rds.iter_rows():
+        for row in _rows(rds):
+            if row.get("fatal"):
+                name, message, hint = json.loads(row["fatal"])
+                cls = getattr(errors_module, name, None)
+                raise (cls if isinstance(cls, type) and issubclass(cls, VisearchError) else EngineError)(message, hint)
             if int(row["k"]) != k:  # preserve_order is what makes resumed stores identical: never go on without it
                 raise EngineError(f"Ray returned planned batch {row['k']} where {k} was due")
             ids, rel, absolute = batches[k], paths[k], rows[k]["paths"]
@@ -181,6 +198,20 @@ class RayEngine:
             k += 1
         if k != len(batches):
             raise EngineError(f"Ray returned {k} of {len(batches)} planned batches")
+
+
+def _rows(rds) -> Iterator[dict[str, Any]]:
+    """The dataset's rows; Ray's own failures (an actor or node lost, a bug in an actor) as one EngineError line.
+    Our errors raised in an actor come back as rows (see _Describe) and are raised again by the caller."""
+    import re
+
+    from ..errors import first_line
+
+    try:
+        yield from rds.iter_rows()
+    except Exception as e:  # noqa: BLE001 - an actor died, a node was lost, a bug in an actor: Ray's exception types
+        text = re.sub(r"\x1b\[[0-9;]*m", "", first_line(e))  # Ray colours its messages
+        raise EngineError(f"the Ray engine failed: {type(e).__name__}: {text}", "Ray's log is on stderr") from e
 
 
 def _same_path(msg: str, absolute: str, given: str) -> str:
