@@ -320,3 +320,20 @@ def test_a_reader_racing_tombstones_sees_only_complete_states(tmp_path):
         if p.poll() is None:
             _kill(p)
     assert len(seen) >= 3, f"the reader saw too few states to test anything: {sorted(seen)}"
+
+
+def test_compaction_of_two_separate_runs_gives_each_merged_shard_its_own_name(tmp_path):
+    """small, small, big, small, small: the second run's merged shard once took the first one's name (and
+    overwrote it)."""
+    path = _create(tmp_path)
+    sizes = [10, 10, 600, 10, 10]  # the target is 1,024 rows: 600 is not small
+    ids = [[f"r{k}-{j}" for j in range(n)] for k, n in enumerate(sizes)]
+    with StoreWriter(Store.open(path)) as w:
+        for k, i in enumerate(ids):
+            w.append(i, Features(_g(len(i), seed=k)))
+        assert w.compact(target_bytes=1) == 4
+    s = Store.open(path)
+    assert [x.rows for x in s.shards] == [20, 600, 20] and len({x.file for x in s.shards}) == 3
+    assert s.id_list() == [x for i in ids for x in i]
+    want = np.concatenate([_g(n, seed=k) for k, n in enumerate(sizes)]).astype(np.float16).astype(np.float32)
+    np.testing.assert_array_equal(s.read_global(np.arange(len(s))), want)
