@@ -309,7 +309,7 @@ def _load_shard(path: Path, s: dict[str, Any], version: int) -> _Shard:
         raise StoreError(f"store file {f} is corrupt (checksum mismatch)", REBUILD_HINT)
     try:
         arr = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError:
+    except (ValueError, OSError, EOFError):
         raise StoreError(f"store file {f} is corrupt (not a numpy array)", REBUILD_HINT) from None
     if (arr.ndim != 1 or arr.dtype.kind not in "iu" or len(arr) != d["count"]
             or (len(arr) and (arr[0] < 0 or arr[-1] >= s["rows"] or (np.diff(arr.astype(np.int64)) <= 0).any()))):
@@ -338,7 +338,6 @@ class Store:
         self._files: dict[str, h5py.File] = {}
         self._max_open = _max_open_files()
         self._ids: np.ndarray | None = None
-        self._keys: np.ndarray | None = None
         self._table: tuple[np.ndarray, np.ndarray] | None = None
         self._live: np.ndarray | None = None
         # shards closed by the LRU: their (ids, fingerprints), and a newer view of the store to read them from when a
@@ -347,6 +346,7 @@ class Store:
         self._successor: Store | None = None
         self._successor_version: tuple[int, int] | None = None
         self._moved_rows: dict[str, np.ndarray] = {}
+        self._derived: dict[tuple[str, str], np.ndarray] = {}  # keys of schema-1 shards, computed
 
     # ---- creation and opening -------------------------------------------------------------------------------
     @classmethod
@@ -506,7 +506,9 @@ class Store:
     def _column(self, name: str, key: str, sel: Any) -> np.ndarray:
         """`_read`, with ids and fingerprints as numpy 'S' and keys computed for a shard that has none (schema 1)."""
         if key in _KEYS_OF and not self._has(name, key):
-            return keys_for(self._column(name, _KEYS_OF[key], sel))
+            if (name, key) not in self._derived:  # hashed once per shard (~1 us an id)
+                self._derived[name, key] = keys_for(self._column(name, _KEYS_OF[key], slice(None)))
+            return self._derived[name, key][sel]
         out = self._read(name, key, sel)
         return _as_bytes(out) if key in _STRINGS else out
 
@@ -603,9 +605,7 @@ class Store:
 
     def id_keys(self) -> np.ndarray:
         """int64 `[N]`: visearch.idkeys.keys_for of every row's id, as stored with the shards."""
-        if self._keys is None:
-            self._keys = self._concat("keys", np.int64)
-        return self._keys
+        return self._concat("keys", np.int64)
 
     def fingerprint_keys(self) -> np.ndarray:
         return self._concat("fp_keys", np.int64)
@@ -654,12 +654,16 @@ class Store:
         return out
 
     def _id_table(self) -> tuple[np.ndarray, np.ndarray]:
-        """(sorted keys, their rows) of the live rows."""
+        """(sorted keys, their rows) of the live rows: 12 B a row below 2**31 rows (int32 rows)."""
         if self._table is None:
-            rows = np.nonzero(self.live)[0]
-            keys = self.id_keys()[rows]
-            order = np.argsort(keys, kind="stable")
-            self._table = keys[order], rows[order]
+            keys, live = self.id_keys(), self.live
+            rows = None if live.all() else np.nonzero(live)[0]
+            if rows is not None:
+                keys = keys[rows]
+            order = np.argsort(keys)  # ties (collisions) are settled by the ids, not by order
+            keys = keys[order]
+            order = order.astype(np.int32) if len(self) < 2**31 else order
+            self._table = keys, (order if rows is None else rows[order])
         return self._table
 
     def _ids_at(self, rows: np.ndarray) -> np.ndarray:
@@ -675,11 +679,6 @@ class Store:
                     live[off + s.dead] = False
             self._live = live
         return self._live
-
-    def dead_rows(self) -> np.ndarray:
-        """Store rows that are tombstoned, increasing."""
-        parts = [off + s.dead for off, s in zip(self._offsets, self.shards) if len(s.dead)]
-        return np.concatenate(parts) if parts else np.empty(0, np.int64)
 
     def live_rows_by_id(self) -> dict[str, int]:
         """{id: row} of the live rows: a Python dict over the store, for small stores and tests (`rows_of` scales)."""
