@@ -153,6 +153,8 @@ def test_any_model_uses_spatial_through_its_config():
     assert set(m.local_fields) == {"kp_desc", "kp_xy"} and m.local_fields["kp_desc"].shape == (50, 64)
     f = m.extract([photo("rocket", 256)])
     assert f.global_.shape == (1, 1280) and f.local["kp_desc"].shape == (1, 50, 64)
-    assert load_reranker(m.config, device="cpu").shortlist_size == 20
+    rr = load_reranker(m.config, device="cpu")
+    # the matching budget: 20 candidates at the full 50 keypoints, deeper for smaller crops, at most max_shortlist
+    assert (rr.depth(50), rr.depth(10), rr.depth(1), rr.shortlist_size) == (20, 100, 300, 300)
     with pytest.raises(UsageError, match="without RootSIFT"):
         load_reranker({"name": "superglobal-r50", "rerank": {"name": "spatial"}}, device="cpu")
