@@ -263,7 +263,7 @@ def _manifest_problem(m: Any) -> str | None:
             df = dead.get("file") if isinstance(dead, dict) else None
             if (not isinstance(df, str) or not DEAD_RE.fullmatch(df) or df in seen
                     or not _is_int(dead.get("count"), 1, max(1, rows)) or not _is_int(dead.get("crc32"), 0, 2**32 - 1)):
-                return f"{f}: the dead-row entry is not a plain dead-*.npy name with a count in 1..{rows} and a crc32"
+                return f"{f}: the dead rows entry is not a plain dead-*.npy name with a count in 1..{rows} and a crc32"
             seen.add(df)
         if s.get("uid") is not None and not isinstance(s.get("uid"), str):
             return f"{f}: uid is not a string"
