@@ -132,7 +132,7 @@ def test_spatial_rerank_is_deterministic_and_scores_inliers(scene):
 
     qd, qxy = unpack_local(feats.local["kp_desc"][0], feats.local["kp_xy"][0])
     inl = s.reranker.verify(qd, qxy, local["kp_desc"], local["kp_xy"])
-    ids = [s.store.ids[r] for r in rows[0]]
+    ids = s.store.id_list(rows[0])
     target = [i.startswith("target") for i in ids].index(True)
     assert inl[target] >= 15 and inl[target] > 2 * np.delete(inl, target).max()
     # the reranked Shortlist keeps each row's global cosine in `sims` and orders by the fused score in `scores`
