@@ -115,7 +115,7 @@ def extracted(corpus):
 def test_extract_describes_every_converted_file(corpus, extracted):
     assert extracted["added"] == len(CONVERTED) and extracted["failed"] == []
     with Store.open(corpus["data"] / "bad" / "features" / "lite") as s:
-        assert sorted(s.ids) == sorted(corpus["ids"].values())
+        assert sorted(s.id_list()) == sorted(corpus["ids"].values())
         assert np.isfinite(s.read_global(np.arange(len(s)))).all()
 
 
@@ -273,15 +273,15 @@ def test_disk_full_while_writing_the_store(corpus, tmp_path):
         _one_line_error(p, "No space left on device", "everything written before is intact")
         store = data / "bad" / "features" / "lite"
         with Store.open(store) as s:  # what was committed before the disk filled is intact and readable
-            kept = dict(zip(s.ids, s.read_global(np.arange(len(s)))))
+            kept = dict(zip(s.id_list(), s.read_global(np.arange(len(s)))))
         assert 0 < len(kept) < len(CONVERTED)
         assert not [n for n in os.listdir(store) if n.endswith(".tmp")]
         (disk / "filler").unlink()
         r = json.loads(cli("-q", "extract", "bad", "--json", data=data, env=env).stdout)
         assert r["added"] == len(CONVERTED) - len(kept) and r["failed"] == []
         with Store.open(store) as s:
-            assert sorted(s.ids) == sorted(corpus["ids"].values())
-            again = dict(zip(s.ids, s.read_global(np.arange(len(s)))))
+            assert sorted(s.id_list()) == sorted(corpus["ids"].values())
+            again = dict(zip(s.id_list(), s.read_global(np.arange(len(s)))))
         assert all(np.array_equal(kept[i], again[i]) for i in kept)
 
         # convert on a full disk: one line, the dataset as it was

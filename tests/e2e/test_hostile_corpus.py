@@ -135,6 +135,7 @@ MANIFEST_CASES = [
     (lambda m: m.update(dim=-3), ["dim"]),
     (lambda m: m["shards"][0].update(rows=-1), ["rows"]),
     (lambda m: m["shards"][0].update(dead=[10 ** 9]), ["dead rows"]),
+    (lambda m: m["shards"][0].update(dead={"file": "../../../sources.json", "count": 1, "crc32": 0}), ["dead rows"]),
     (lambda m: m.update(local_fields={"x": {"shape": [0], "dtype": "uint8"}}), ["local field"]),
     (lambda m: m.update(shards={"a": 1}), ["shards"]),
     (lambda m: m.update(dtype="object"), ["dtype"]),

@@ -50,7 +50,7 @@ def photo_set(tmp_path_factory):
 def _snapshot(path: Path) -> dict[str, bytes]:
     with Store.open(path) as s:
         desc = s.read_global(np.arange(len(s)))
-        return {i: d.tobytes() for i, d, ok in zip(s.ids, desc, s.live) if ok}
+        return {i: d.tobytes() for i, d, ok in zip(s.id_list(), desc, s.live) if ok}
 
 
 def _committed(path: Path) -> int:

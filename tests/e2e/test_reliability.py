@@ -45,10 +45,10 @@ class Snapshot:
 
     def __init__(self, path: Path):
         with Store.open(path) as s:
-            self.ids = list(s.ids)
+            self.ids = s.id_list()
             self.desc = s.read_global(np.arange(len(s)))  # float16 on disk -> float32: exact
             self.shard_rows = [x.rows for x in s.shards]
-            self.live = [i for i, ok in zip(s.ids, s.live) if ok]
+            self.live = [i for i, ok in zip(self.ids, s.live) if ok]
 
     def by_id(self) -> dict[str, bytes]:
         return {i: d.tobytes() for i, d in zip(self.ids, self.desc)}

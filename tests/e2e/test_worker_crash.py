@@ -51,7 +51,7 @@ def _write_collection(folder: Path) -> int:
 
 def _snapshot(path: Path) -> tuple[list[str], list[int], bytes]:
     with Store.open(path) as s:
-        return list(s.ids), [x.rows for x in s.shards], s.read_global(np.arange(len(s))).tobytes()
+        return s.id_list(), [x.rows for x in s.shards], s.read_global(np.arange(len(s))).tobytes()
 
 
 def _children(pid: int) -> list[int]:

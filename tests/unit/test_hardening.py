@@ -94,7 +94,7 @@ def test_eval_refuses_store_rows_of_images_that_left_the_dataset(six, lite, tmp_
     # an image removed from the dataset (convert again after deleting it) while the store was not re-extracted
     gone = next(p for p in (data / "six" / "jpg").iterdir() if p.name.startswith("rocket"))
     store = Store.open(data / "six" / "features" / "lite")
-    ids = set(store.ids)
+    ids = set(store.id_list())
     store.close()
     from visearch.data.revisitop import read_gnd, write_gnd
 
@@ -195,7 +195,7 @@ def test_shard_numbers_past_99999_never_collide(tmp_path):
         w.append(*_rows(2, 4))
     with Store.open(path) as st:
         assert [s.file for s in st.shards] == ["shard-99999.h5", "shard-100000.h5", "shard-100001.h5"]
-        assert st.ids == [f"img{i}" for i in range(6)]  # the old code wrote shard-100000.h5 again: img2, img3 lost
+        assert st.id_list() == [f"img{i}" for i in range(6)]  # the old code wrote shard-100000.h5 again: img2, img3 lost
 
 
 # ---- a long-lived reader past its open-file cap --------------------------------------------------------------------
@@ -213,13 +213,13 @@ def test_reader_past_its_open_file_cap_survives_a_compaction(tmp_path, monkeypat
     reader = Store.open(path)
     assert len(reader._files) == 4
     want = reader.read_global(np.arange(len(reader)))
-    ids = list(reader.ids)
+    ids = reader.id_list()
     with StoreWriter(Store.open(path)) as w:
         assert w.compact() == 12  # all small: merged into one, the twelve old files deleted
     assert sorted(p.name for p in path.glob("shard-*.h5")) == ["shard-00012.h5"]
     # the reader still answers from its own view, the closed shards now read through the new manifest
     got = np.concatenate([b for _, b in reader.iter_global(chunk_rows=5)]).astype(np.float32)
     live = reader.live
-    assert np.array_equal(got[live], want[live]) and reader.ids == ids
+    assert np.array_equal(got[live], want[live]) and reader.id_list() == ids
     assert np.array_equal(reader.read_global(np.array([35, 0, 17])), want[[35, 0, 17]])
     reader.close()

@@ -92,7 +92,7 @@ def test_stale_index_refused_then_extract_style_update_follows_adds_deletes_chan
     r, s = rescore(q, st2, cand, 5)
     ref_r, ref_s = search_store(q, st2, 5)
     np.testing.assert_array_equal(r, ref_r)
-    assert st2.ids[r[1, 0]] == "img7" and s[1, 0] == pytest.approx(1, abs=1e-3)
+    assert st2.id_list([r[1, 0]]) == ["img7"] and s[1, 0] == pytest.approx(1, abs=1e-3)
     with StoreWriter(st2) as w:  # compaction renumbers rows: the update maps keys to the new rows
         w.compact()
         st3 = w.store

@@ -132,7 +132,7 @@ def test_spatial_rerank_is_deterministic_and_scores_inliers(scene):
 
     qd, qxy = unpack_local(feats.local["kp_desc"][0], feats.local["kp_xy"][0])
     inl = s.reranker.verify(qd, qxy, local["kp_desc"], local["kp_xy"])
-    ids = [s.store.ids[r] for r in rows[0]]
+    ids = s.store.id_list(rows[0])
     target = [i.startswith("target") for i in ids].index(True)
     assert inl[target] >= 15 and inl[target] > 2 * np.delete(inl, target).max()
     # the reranked Shortlist keeps each row's global cosine in `sims` and orders by the fused score in `scores`
@@ -153,6 +153,8 @@ def test_any_model_uses_spatial_through_its_config():
     assert set(m.local_fields) == {"kp_desc", "kp_xy"} and m.local_fields["kp_desc"].shape == (50, 64)
     f = m.extract([photo("rocket", 256)])
     assert f.global_.shape == (1, 1280) and f.local["kp_desc"].shape == (1, 50, 64)
-    assert load_reranker(m.config, device="cpu").shortlist_size == 20
+    rr = load_reranker(m.config, device="cpu")
+    # the matching budget: 20 candidates at the full 50 keypoints, deeper for smaller crops, at most max_shortlist
+    assert (rr.depth(50), rr.depth(10), rr.depth(1), rr.shortlist_size) == (20, 100, 300, 300)
     with pytest.raises(UsageError, match="without RootSIFT"):
         load_reranker({"name": "superglobal-r50", "rerank": {"name": "spatial"}}, device="cpu")

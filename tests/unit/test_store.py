@@ -32,7 +32,7 @@ def test_append_read_and_provenance(tmp_path):
         w.append([f"a{i}" for i in range(5)], a, fingerprints=["x"] * 5)
         w.append([f"b{i}" for i in range(3)], b)
     s = Store.open(st.path)
-    assert len(s) == 8 and s.ids[5] == "b0"
+    assert len(s) == 8 and s.id_list([5]) == ["b0"]
     np.testing.assert_allclose(s.read_global([6, 0]), np.stack([b.global_[1], a.global_[0]]), atol=1e-3)
     assert s.read_global([0]).dtype == np.float32
     loc = s.read_local([7, 2])
@@ -104,8 +104,8 @@ def test_compaction_merges_small_shards_drops_dead_rows_and_keeps_order(tmp_path
         assert w.compact() == 0  # nothing left to merge
     s = Store.open(st.path)
     expect = [x for i in ids for x in i if x != "p1r1"]
-    assert len(s.shards) == 1 and s.ids == expect and s.live.all()
-    assert s.fingerprints() == [x + "-fp" for x in expect]
+    assert len(s.shards) == 1 and s.id_list() == expect and s.live.all()
+    assert s.fingerprints().tolist() == [(x + "-fp").encode() for x in expect]
     g = np.concatenate([p.global_ for p in parts])
     g = np.delete(g, 4, axis=0).astype(np.float16)
     np.testing.assert_array_equal(s.read_global(np.arange(14)), g.astype(np.float32))

@@ -76,7 +76,7 @@ def _assert_exact(path: Path, rows: int) -> Store:
     s = Store.open(path)
     assert [x.rows for x in s.shards] == [rows] * len(s.shards)
     assert [x.file for x in s.shards] == [f"shard-{k:05d}.h5" for k in range(len(s.shards))]
-    assert s.ids == [f"s{k}-{j}" for k in range(len(s.shards)) for j in range(rows)]
+    assert s.id_list() == [f"s{k}-{j}" for k in range(len(s.shards)) for j in range(rows)]
     for k in range(len(s.shards)):
         got = s.read_global(np.arange(k * rows, (k + 1) * rows))
         np.testing.assert_array_equal(got, _block(k, rows).astype(np.float16).astype(np.float32))
@@ -107,7 +107,7 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_store(tmp_path):
     with StoreWriter(Store.open(path)) as w:  # a new writer removes what killed writers left
         assert _leftovers(path) == []
         w.append(["last"], Features(_block(999, 1)))
-    assert Store.open(path).ids[-1] == "last"
+    assert Store.open(path).id_list()[-1] == "last"
     print(f"seed {seed}: shards after each kill {sizes}, leftovers seen: {saw_leftover}")
 
 
@@ -136,7 +136,7 @@ def test_kill_while_a_shard_is_being_written(tmp_path):
         assert not (path / tmp[0]).exists()  # cleaned by the next writer
         w.append(["x"], Features(_block(5, 1)))
     after = Store.open(path)
-    assert len(after) == n + 1 and after.ids[:n] == before.ids
+    assert len(after) == n + 1 and after.id_list()[:n] == before.id_list()
 
 
 def test_kill_between_shard_rename_and_manifest_update(tmp_path):
@@ -158,7 +158,7 @@ def test_kill_between_shard_rename_and_manifest_update(tmp_path):
     with StoreWriter(s) as w:
         w.append(["y"], Features(_block(6, 1)))  # takes the orphan's name: must not mix with its rows
     s2 = Store.open(path)
-    assert s2.ids[-1] == "y" and len(s2) == len(s) + 1
+    assert s2.id_list()[-1] == "y" and len(s2) == len(s) + 1
 
 
 def test_a_writer_opened_on_an_old_manifest_keeps_the_other_writers_shards(tmp_path):
@@ -171,7 +171,7 @@ def test_a_writer_opened_on_an_old_manifest_keeps_the_other_writers_shards(tmp_p
     with StoreWriter(early) as w:
         w.append(["c"], Features(_block(2, 1)))
     s = Store.open(path)
-    assert s.ids == ["a", "b", "c"]
+    assert s.id_list() == ["a", "b", "c"]
     np.testing.assert_allclose(s.read_global([0, 1, 2]), np.concatenate([_block(1, 2), _block(2, 1)]), atol=1e-3)
 
 
@@ -304,7 +304,7 @@ def test_reader_racing_a_killed_and_restarted_writer_sees_only_complete_states(t
                     k = random.randrange(n)
                     got = s.read_global(np.arange(k * rows, (k + 1) * rows))
                     np.testing.assert_array_equal(got, _block(k, rows).astype(np.float16).astype(np.float32))
-                    assert s.ids[k * rows] == f"s{k}-0"
+                    assert s.id_list([k * rows]) == [f"s{k}-0"]
                     blocks = [b for _, b in s.iter_global(1000)]
                     assert sum(len(b) for b in blocks) == n * rows
                 states.add(n)

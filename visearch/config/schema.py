@@ -158,7 +158,8 @@ class SpatialRerank:
     """visearch/rerankers/spatial.py: RootSIFT matching + USAC MAGSAC++ verification of the global top `shortlist`."""
 
     name: str = "spatial"
-    shortlist: int = 100
+    shortlist: int = 100        # verified for a query crop with the full [local] max_keypoints
+    max_shortlist: int = 300    # verified at most, for crops with fewer keypoints (same matching budget)
     ratio: float = 0.8
     mutual: bool = True
     model: str = "affine"
@@ -169,7 +170,7 @@ class SpatialRerank:
     min_matches: int = 6
     min_inliers: int = 6
     cap: int = 50
-    weight: float = 1.0
+    weight: float = 2.0
     batch: int = 16
 
 

@@ -38,12 +38,9 @@ class IndexReport:
 
 def _live_table(store) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(keys, rows, fingerprint keys) of the store's live rows; two ids with one key are refused."""
-    live = np.asarray(store.live)
-    rows = np.nonzero(live)[0].astype(np.int64)
-    ids = store.ids
-    fps = store.fingerprints()
-    keys = keys_for([ids[r] for r in rows])
-    fkeys = keys_for([fps[r] for r in rows])
+    rows = np.nonzero(np.asarray(store.live))[0].astype(np.int64)
+    keys = store.id_keys()[rows]  # stored with the shards: no hashing of N ids here
+    fkeys = store.fingerprint_keys()[rows]
     if len(np.unique(keys)) != len(keys):
         raise SearchIndexError(f"two image ids of {store.path} share an index key", "report this as a bug")
     return keys, rows, fkeys

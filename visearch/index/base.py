@@ -17,6 +17,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from ..idkeys import keys_for  # noqa: F401  (re-exported: the one id -> key helper)
+
 
 @runtime_checkable
 class Index(Protocol):
@@ -49,18 +51,10 @@ class Index(Protocol):
         ...
 
 
-def keys_for(ids: list[str] | np.ndarray) -> np.ndarray:
-    """A stable non-negative int64 per image id (first 8 bytes of blake2b, top bit cleared)."""
-    out = np.empty(len(ids), np.int64)
-    for n, i in enumerate(ids):
-        out[n] = int.from_bytes(hashlib.blake2b(str(i).encode(), digest_size=8).digest(), "little") & (2**63 - 1)
-    return out
-
-
 def store_state(store) -> str:
     """A digest of the store's committed state (its shards, their uids, rows and tombstones): an index records the
     state it covers, and a store that changed since is detected whatever changed."""
-    shards = [[s.file, s.uid, s.rows, sorted(s.dead)] for s in store.shards]
+    shards = [[s.file, s.uid, s.rows, s.dead.tolist()] for s in store.shards]  # dead: sorted already
     return hashlib.sha256(json.dumps(shards, separators=(",", ":")).encode()).hexdigest()
 
 

@@ -30,20 +30,19 @@ def evaluate(dataset: str, model: str = "lite", data_dir: str | Path | None = No
     if not ds.gnd:
         raise DatasetError(f"dataset {dataset!r} has no ground truth",
                            "convert it with --ground-truth FILE, or use a revisitop dataset with gnd_*.pkl")
-    live_rows = s.store.live_rows_by_id()
-    missing = [i for i in ds.imlist if i not in live_rows]
-    if missing:
-        raise StoreError(f"{len(missing)} database images of {dataset!r} have no descriptors (e.g. {missing[0]})",
-                         f"run `visearch extract {dataset} --model {s.model}`")
-    in_dataset = set(ds.imlist)
-    stale = [i for i in live_rows if i not in in_dataset]
-    if stale:  # they would be ranked as images the ground truth knows nothing of
+    rows = s.store.rows_of(ds.imlist)  # the live row of each database image, -1 for none
+    missing = np.nonzero(rows < 0)[0]
+    if len(missing):
+        raise StoreError(f"{len(missing)} database images of {dataset!r} have no descriptors (e.g. "
+                         f"{ds.imlist[missing[0]]})", f"run `visearch extract {dataset} --model {s.model}`")
+    stale = np.setdiff1d(np.nonzero(s.store.live)[0], rows)
+    if len(stale):  # they would be ranked as images the ground truth knows nothing of
         raise StoreError(f"{len(stale)} descriptors in the {s.model} store of {dataset!r} are of images no longer in "
-                         f"the dataset (e.g. {stale[0]})", f"run `visearch extract {dataset} --model {s.model}`")
+                         f"the dataset (e.g. {s.store.id_list(stale[:1])[0]})",
+                         f"run `visearch extract {dataset} --model {s.model}`")
     # store rows -> imlist positions, so rankings index imlist as the ground truth does
     row_to_pos = np.full(len(s.store), -1, np.int64)
-    for pos, i in enumerate(ds.imlist):
-        row_to_pos[live_rows[i]] = pos
+    row_to_pos[rows] = np.arange(len(rows))
     n = len(ds.imlist)
     use_rerank = s.reranker is not None and rerank
     # AMES's reference evaluation moves each protocol's ignored images behind the shortlist before reranking

@@ -111,34 +111,27 @@ class ExtractPlan:
         return sum(len(b) for b in self.batches)
 
 
-def _stored_fingerprints(store) -> dict[int, tuple[str, str]]:
-    """row -> (id, fingerprint) for live rows."""
-    out = {}
-    fps = store.fingerprints()
-    for row, (i, ok) in enumerate(zip(store.ids, store.live)):
-        if ok:
-            out[row] = (i, fps[row])
-    return out
-
-
 def plan(ds, store, batch_size: int, report: ExtractReport) -> ExtractPlan:
     """Compare dataset `ds` with `store` (read under the writer's lock): rows of deleted or changed images die,
     new and changed images are batched. Counts and unreadable files go into `report`."""
     from ..images import check_aspect, image_size
 
     fingerprints = {i: fp for i in ds.imlist if (fp := fingerprint(ds.image_path(i))) is not None}
-    stored = _stored_fingerprints(store)
-    dead = []
-    for row, (i, fp) in stored.items():
-        if i not in fingerprints:
-            dead.append(row)
-            report.removed += 1
-        elif fp != fingerprints[i]:
-            dead.append(row)
-    changed = {stored[row][0] for row in dead if stored[row][0] in fingerprints}
-    dead_set = set(dead)
-    current = {i for row, (i, fp) in stored.items() if row not in dead_set}
-    todo = [i for i in ds.imlist if i in fingerprints and i not in current]
+    # the store side in numpy (its ids are never a Python list): the live row of each image on disk, and whether
+    # it was described from the same version of the file
+    have = list(fingerprints)
+    rows = store.rows_of(have)
+    found = np.nonzero(rows >= 0)[0]
+    same = np.zeros(len(have), bool)
+    if len(found):
+        now = np.array([fingerprints[have[j]].encode() for j in found], dtype=bytes)
+        same[found] = store.fingerprints()[rows[found]] == now
+    gone = np.setdiff1d(np.nonzero(store.live)[0], rows)  # live rows of images deleted or left out of the dataset
+    report.removed += len(gone)
+    redo = np.nonzero((rows >= 0) & ~same)[0]  # changed images: their old row dies, they are described again
+    dead = np.union1d(gone, rows[redo]).tolist()
+    changed = {have[j] for j in redo}
+    todo = [i for i, ok in zip(have, same) if not ok]
     report.failed += [(i, "image file missing") for i in ds.imlist if i not in fingerprints]
     keys = []
     for i in todo:
@@ -253,6 +246,7 @@ def commit(writer, ids: list[str], parts: list[Any], fingerprints: dict[str, str
     if parts[0].local:
         local = {k: np.concatenate([p.local[k] for p in parts]) for k in parts[0].local}
     writer.append(ids, Features(g, local), fingerprints=[fingerprints[i] for i in ids])
+    writer.compact_if_due()  # keeps a long run at few shards, so each commit's manifest stays short
 
 
 def extract(dataset: str, model: str = "lite", data_dir: str | Path | None = None, weights: str | Path | None = None,

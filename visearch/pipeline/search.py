@@ -96,8 +96,9 @@ class Searcher:
         self.store = open_store_for(self.describer, self.data_dir, dataset)
         # rows searched: live, and their image still in the dataset (a convert after the last extract may have
         # removed images; their rows stay in the store until the next extract, but must never be returned)
-        in_dataset = set(self.dataset.imlist)
-        self.live = self.store.live & np.fromiter((i in in_dataset for i in self.store.ids), bool, len(self.store))
+        rows = self.store.rows_of(self.dataset.imlist)  # live rows only: a binary search, no dict over the store
+        self.live = np.zeros(len(self.store), bool)
+        self.live[rows[rows >= 0]] = True
         stale = self.store.num_live() - int(self.live.sum())
         if stale:
             log.warning("%d stored images of %r are no longer in the dataset and are left out (run `visearch extract "
@@ -223,12 +224,10 @@ class Searcher:
         t3 = t()
         if timings is not None:
             timings.update(detect=t1 - t0, describe=t2 - t1, total=t3 - t0, **stages)
-        ids = self.store.ids
         out_crops, best = [], {}
         for b, r, s in zip(crops, rows, sims):
             results = []
-            for rank, (row, score) in enumerate(zip(r, s), 1):
-                iid = ids[int(row)]
+            for rank, (iid, score) in enumerate(zip(self.store.id_list(r), s), 1):  # reads only these rows' ids
                 hit = Hit(rank, iid, self.dataset.source_path(iid), round(float(score), 6))
                 results.append(hit)
                 if iid not in best or hit.score > best[iid].score:

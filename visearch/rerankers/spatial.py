@@ -1,6 +1,10 @@
 """`spatial`: weight-free spatial verification of a global shortlist with RootSIFT (visearch.models.sift).
 
-For each query crop and each of the first `shortlist` global candidates (100 by default):
+For each query crop and each of its first k global candidates:
+0. k, the depth verified, follows a fixed matching budget: a crop with the full `keypoints` (the [local]
+   max_keypoints, 900) verifies `shortlist` candidates (100), a crop with n < keypoints verifies
+   k = min(max_shortlist, shortlist * keypoints / n), since matching costs n x (candidates' keypoints). Small object
+   crops, whose positives the global stage ranks lowest, are searched deeper at no more cost than a full crop;
 1. tentative matches: each query keypoint's nearest database keypoint by RootSIFT (cosine on the unit vectors), kept
    when it passes Lowe's ratio test (distance to the nearest < `ratio` x distance to the second nearest) and, with
    `mutual`, when the query keypoint is also the database keypoint's nearest;
@@ -8,7 +12,7 @@ For each query crop and each of the first `shortlist` global candidates (100 by 
    `threshold` in pixels of the capped images, a fixed `seed`, `max_iters`, `confidence`), giving the inlier count;
 3. fused score (documented in README and configs/models/lite-sv.toml):
        score = g + weight * min(n, cap) / cap,  n = inliers if inliers >= min_inliers else 0,
-   g the global cosine similarity. Verified candidates move ahead of unverified ones by up to `weight`; among
+   g the global cosine similarity. Each inlier adds weight / cap (0.04 by default: 25 inliers add 1.0); among
    candidates without `min_inliers` inliers (and among those past `cap`) the global order decides.
 Deterministic: each pair's RANSAC starts from the same seed, whatever the order or the number of threads.
 """
@@ -28,6 +32,7 @@ from .base import Reranker, Shortlist
 # the defaults live in the config schema (one place); `name` is not a setting of the reranker itself
 DEFAULTS: dict[str, Any] = {k: v for k, v in dataclasses.asdict(SpatialRerank()).items() if k != "name"}
 MODELS = ("affine", "homography")
+PAD = -np.full(128, 1 / np.sqrt(128), np.float32)  # stands in for padding keypoints: negative cosine with any RootSIFT
 
 
 def fused_scores(global_sims: np.ndarray, inliers: np.ndarray, weight: float, cap: int, min_inliers: int) -> np.ndarray:
@@ -51,7 +56,9 @@ class SpatialReranker(Reranker):
     name = "spatial"
 
     # no defaults here: from_config fills every field from the schema's SpatialRerank (one place for the numbers)
-    shortlist_size: int
+    shortlist: int
+    max_shortlist: int
+    keypoints: int
     ratio: float
     mutual: bool
     model: str
@@ -68,9 +75,11 @@ class SpatialReranker(Reranker):
     def __post_init__(self) -> None:
         if self.model not in MODELS:
             raise UsageError(f"unknown spatial model {self.model!r}", f"use one of {', '.join(MODELS)}")
-        if not (0 < self.ratio <= 1) or self.cap < 1 or self.threshold <= 0 or self.shortlist_size < 0:
+        if not (0 < self.ratio <= 1) or self.cap < 1 or self.threshold <= 0 or self.shortlist < 0 or self.keypoints < 1:
             raise UsageError("bad [rerank] settings for spatial",
                              "need 0 < ratio <= 1, cap >= 1, threshold > 0, shortlist >= 0")
+        self.max_shortlist = max(self.max_shortlist, self.shortlist)
+        self.shortlist_size = self.max_shortlist  # the most it reorders (RerankerProtocol)
         self.min_matches = max(int(self.min_matches), 3 if self.model == "affine" else 4)
 
     # ---- matching ---------------------------------------------------------------------------------------------------
@@ -84,23 +93,29 @@ class SpatialReranker(Reranker):
         if nq == 0 or K == 0 or B == 0:
             return [(np.zeros(0, np.int64), np.zeros(0, np.int64)) for _ in range(B)]
         q = torch.from_numpy(np.ascontiguousarray(q_desc, np.float32))
-        d = torch.from_numpy(np.ascontiguousarray(db_desc, np.float32))
-        sim = torch.matmul(q[None], d.transpose(1, 2))  # [B, nq, K]
-        sim.masked_fill_(~torch.from_numpy(np.ascontiguousarray(db_valid))[:, None, :], -4.0)
+        d = torch.from_numpy(np.ascontiguousarray(db_desc, np.float32)).reshape(B * K, -1)
+        pad = ~torch.from_numpy(np.ascontiguousarray(db_valid, bool)).reshape(-1)
+        if pad.any():
+            d = d.clone()
+            d[pad] = torch.from_numpy(PAD)
+        # one [nq, B*K] product: on CPU a single GEMM runs about twice as fast as B batched ones. RootSIFT vectors are
+        # non-negative, so real similarities are >= 0 and padding rows (PAD) score < 0: never a nearest neighbour.
+        sim = torch.mm(q, d.T).view(nq, B, K)
+        s1, nn1 = sim.max(dim=2)  # [nq, B]: each query keypoint's nearest database keypoint per image
+        ok = s1 >= 0.0
+        if self.mutual:  # the query keypoint is its nearest neighbour's nearest too (value-only reductions are fast)
+            best_back = sim.amax(dim=0)  # [B, K]
+            ok &= best_back.gather(1, nn1.T).T == s1
         if K >= 2 and self.ratio < 1:
-            top = torch.topk(sim, 2, dim=2)  # [B, nq, 2]
-            s1, nn1 = top.values[..., 0], top.indices[..., 0]
-            # unit vectors: squared distance 2 - 2 cos; Lowe's ratio test on distances
-            d1 = (2.0 - 2.0 * s1).clamp_min(0)
-            d2 = (2.0 - 2.0 * top.values[..., 1]).clamp_min(0)
-            ok = (s1 > -2.0) & (d1 < (self.ratio ** 2) * d2)
-        else:
-            s1, nn1 = sim.max(dim=2)
-            ok = s1 > -2.0
-        if self.mutual:
-            back = sim.argmax(dim=1)  # [B, K]: best query keypoint for each database keypoint
-            ok &= back.gather(1, nn1) == torch.arange(nq)[None, :]
-        ok_np, nn_np = ok.numpy(), nn1.numpy()
+            # Lowe's ratio test on distances (unit vectors: squared distance 2 - 2 cos), only where still needed
+            qi, bi = ok.nonzero(as_tuple=True)
+            rest = sim[qi, bi]  # [n, K] copies of the surviving rows
+            rest.scatter_(1, nn1[qi, bi][:, None], -4.0)
+            d1 = (2.0 - 2.0 * s1[qi, bi]).clamp_min(0)
+            d2 = (2.0 - 2.0 * rest.amax(dim=1)).clamp_min(0)
+            fail = d1 >= (self.ratio ** 2) * d2
+            ok[qi[fail], bi[fail]] = False
+        ok_np, nn_np = ok.T.numpy(), nn1.T.numpy()
         out = []
         for b in range(B):
             qi = np.nonzero(ok_np[b])[0]
@@ -163,6 +178,12 @@ class SpatialReranker(Reranker):
                     out[a + j] = self.inliers(q_xy[qi], xy[j, di])
         return out
 
+    def depth(self, n_keypoints: int) -> int:
+        """Candidates verified for a query crop with `n_keypoints` keypoints (the matching budget, module doc)."""
+        if n_keypoints >= self.keypoints:
+            return self.shortlist
+        return min(self.max_shortlist, self.shortlist * self.keypoints // max(1, n_keypoints))
+
     # ---- reranking --------------------------------------------------------------------------------------------------
     def rerank(self, query_global: np.ndarray, query_local: dict[str, np.ndarray] | None,
                shortlist: Shortlist, store: Any) -> Shortlist:
@@ -170,19 +191,21 @@ class SpatialReranker(Reranker):
         reordered rows), the rest as given."""
         rows = np.asarray(shortlist.rows)
         sims = np.asarray(shortlist.sims, np.float32)
-        k = min(self.shortlist_size, rows.shape[1])
-        if k == 0:
-            return Shortlist(rows=rows.copy(), sims=sims.copy(), scores=sims.copy())
+        new_rows, new_sims, new_scores = rows.copy(), sims.copy(), sims.copy()
+        if min(self.max_shortlist, rows.shape[1]) == 0:
+            return Shortlist(rows=new_rows, sims=new_sims, scores=new_scores)
         if query_local is None or "kp_desc" not in query_local or "kp_xy" not in query_local:
             raise ModelError("spatial reranking needs the query's RootSIFT fields 'kp_desc' and 'kp_xy'",
                              "use a model whose config has [local] kind = \"rootsift\" (e.g. lite-sv)")
-        new_rows, new_sims, new_scores = rows.copy(), sims.copy(), sims.copy()
+        if not {"kp_desc", "kp_xy"} <= set(store.local_fields):
+            raise ModelError("the store has no RootSIFT local fields",
+                             "extract the collection with a model whose config has [local] kind = \"rootsift\"")
         for i in range(rows.shape[0]):
-            local = store.read_local(rows[i, :k])
-            if "kp_desc" not in local or "kp_xy" not in local:
-                raise ModelError("the store has no RootSIFT local fields",
-                                 "extract the collection with a model whose config has [local] kind = \"rootsift\"")
             q_desc, q_xy = unpack_local(query_local["kp_desc"][i], query_local["kp_xy"][i])
+            k = min(self.depth(len(q_desc)), rows.shape[1])
+            if k == 0:
+                continue
+            local = store.read_local(rows[i, :k])
             inl = self.verify(q_desc, q_xy, local["kp_desc"], local["kp_xy"])
             s = fused_scores(sims[i, :k], inl, self.weight, self.cap, self.min_inliers)
             order = np.argsort(-s, kind="stable")
@@ -192,16 +215,20 @@ class SpatialReranker(Reranker):
         return Shortlist(rows=new_rows, sims=new_sims, scores=new_scores)
 
 
-def from_config(rr: dict[str, Any]) -> SpatialReranker:
+def from_config(rr: dict[str, Any], keypoints: int | None = None) -> SpatialReranker:
+    """`rr`: the [rerank] table; `keypoints`: the [local] max_keypoints of the model (the full query size)."""
     c = {**DEFAULTS, **{k: v for k, v in rr.items() if k != "name"}}
     unknown = sorted(set(c) - set(DEFAULTS))
     if unknown:
         raise UsageError(f"unknown [rerank] keys for spatial: {', '.join(unknown)}", f"known: {', '.join(DEFAULTS)}")
-    return SpatialReranker(shortlist_size=int(c["shortlist"]), ratio=float(c["ratio"]), mutual=bool(c["mutual"]),
-                           model=str(c["model"]), threshold=float(c["threshold"]), confidence=float(c["confidence"]),
-                           max_iters=int(c["max_iters"]), seed=int(c["seed"]), min_matches=int(c["min_matches"]),
-                           min_inliers=int(c["min_inliers"]), cap=int(c["cap"]), weight=float(c["weight"]),
-                           batch=int(c["batch"]))
+    from ..config.schema import SiftLocal
+
+    return SpatialReranker(shortlist=int(c["shortlist"]), max_shortlist=int(c["max_shortlist"]),
+                           keypoints=int(keypoints or SiftLocal().max_keypoints), ratio=float(c["ratio"]),
+                           mutual=bool(c["mutual"]), model=str(c["model"]), threshold=float(c["threshold"]),
+                           confidence=float(c["confidence"]), max_iters=int(c["max_iters"]), seed=int(c["seed"]),
+                           min_matches=int(c["min_matches"]), min_inliers=int(c["min_inliers"]), cap=int(c["cap"]),
+                           weight=float(c["weight"]), batch=int(c["batch"]))
 
 
 def build(config: dict[str, Any], weights_dir: Any, device: Any) -> SpatialReranker:
@@ -209,4 +236,4 @@ def build(config: dict[str, Any], weights_dir: Any, device: Any) -> SpatialReran
     if config.get("local", {}).get("kind") != "rootsift":
         raise UsageError(f"model {config.get('name')!r} uses the spatial reranker without RootSIFT local features",
                          "add [local] kind = \"rootsift\" to its config")
-    return from_config(config.get("rerank", {}))
+    return from_config(config.get("rerank", {}), config["local"].get("max_keypoints"))
