@@ -149,14 +149,15 @@ def test_backbone_tokens_match_reference(vit_file: Path, golden) -> None:
                 assert np.abs(patches[0].numpy() - golden[f"patch{i}"]).max() <= 1e-5
             else:
                 assert np.abs(patches[0, :16].numpy() - golden[f"patch{i}_head"]).max() <= 1e-5
-            np.testing.assert_allclose((patches[0] @ proj).numpy(), golden[f"patch{i}_proj"], rtol=0, atol=1e-4)
+            # projections reach |100|: float32 sums of that size differ by ~1e-4 between CPUs (AVX2 / AVX-512)
+            np.testing.assert_allclose((patches[0] @ proj).numpy(), golden[f"patch{i}_proj"], rtol=1e-5, atol=1e-4)
         # the training size 518 x 518: positional embedding used as is (one block: the same code, a cheaper test)
         one = DinoV2ViT(depth=1)
         one.load_state_dict(vit_state(BACKBONE_SEED + 1, depth=1), strict=True)
         x = torch.from_numpy(np.random.RandomState(5).standard_normal((1, 3, 518, 518)).astype(np.float32))
         cls, patches = one.forward_features(x)
         np.testing.assert_allclose(cls[0].numpy(), golden["x518_cls"], rtol=0, atol=1e-5)
-        np.testing.assert_allclose((patches[0] @ proj).numpy(), golden["x518_proj"], rtol=0, atol=1e-4)
+        np.testing.assert_allclose((patches[0] @ proj).numpy(), golden["x518_proj"], rtol=1e-5, atol=1e-4)
 
 
 def test_strict_loading_refuses_other_files(vit_file: Path, tmp_path: Path) -> None:
