@@ -180,6 +180,25 @@ def test_refuses_other_source_unless_replace(tmp_path, src):
     assert rep.added == [] and rep.removed == [] and rep.unchanged == 4  # ids come from relative paths
 
 
+def test_folder_left_by_an_interrupted_first_convert_takes_replace(tmp_path, src):
+    data = tmp_path / "data"
+    left = data / "t" / "jpg"
+    left.mkdir(parents=True)
+    (left / "stale.jpg").write_bytes(b"half a jpeg")  # an older visearch died before writing sources.json
+    with pytest.raises(DatasetError, match="interrupted first convert") as e:
+        convert(src, data, "t")
+    assert "--replace" in e.value.hint
+    rep = convert(src, data, "t", replace=True)
+    assert len(rep.added) == 4 and len(load_dataset(data, "t").imlist) == 4
+    assert (left / "stale.jpg").read_bytes() == b"half a jpeg"  # not ours to delete
+    # a revisitop dataset from elsewhere (ground truth, no sources.json) is never written into, even with --replace
+    other = data / "r"
+    (other / "jpg").mkdir(parents=True)
+    (other / "gnd_r.pkl").write_bytes(b"")
+    with pytest.raises(DatasetError, match="did not create"):
+        convert(src, data, "r", replace=True)
+
+
 def test_bad_arguments(tmp_path, src):
     with pytest.raises(UsageError):
         convert(src, tmp_path / "data", "../evil")

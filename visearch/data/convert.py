@@ -170,10 +170,15 @@ def _remove_stale_builds(data_dir: Path, name: str) -> None:
 def _prepare_out(out: Path, name: str, src: Path, origin: str, replace: bool) -> dict[str, Any] | None:
     """Create the output folder; return the previous sources.json, refusing to overwrite foreign content."""
     meta = read_sources(out) if out.is_dir() else None
-    foreign = out.is_dir() and meta is None and ((out / "jpg").exists() or (out / f"gnd_{name}.pkl").exists())
-    if foreign and out.resolve() != src:
-        raise DatasetError(f"{out} already holds a dataset that visearch did not create",
-                           "choose another --name or move that folder away")
+    if out.is_dir() and meta is None and out.resolve() != src:
+        if (out / f"gnd_{name}.pkl").exists():  # a revisitop dataset from elsewhere: never overwritten
+            raise DatasetError(f"{out} already holds a dataset that visearch did not create",
+                               "choose another --name or move that folder away")
+        if (out / "jpg").is_dir() and any((out / "jpg").iterdir()) and not replace:
+            # images without ground truth or sources.json: most likely a first convert (of an older visearch) that
+            # was interrupted; --replace converts into it (files of its own that no image names stay untouched)
+            raise DatasetError(f"{out} holds images but no dataset record (an interrupted first convert?)",
+                               "pass --replace to convert into it, or choose another --name")
     if meta is not None and meta.get("origin", "folder") != origin:
         raise DatasetError(f"dataset {name!r} was made from a {meta.get('origin')} source, not a {origin} one",
                            "choose another --name")
