@@ -1,5 +1,6 @@
 """Run the real `visearch` CLI in a subprocess (tests import this)."""
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,3 +22,11 @@ def run(*args, data_dir=None, input=None, env=None, check=True, timeout=300):
     return p
 
 
+
+
+def sigkill(p: subprocess.Popen) -> None:
+    """SIGKILL a child started with piped stdout/stderr, reap it and close its pipes."""
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    p.stdout.close()
+    p.stderr.close()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.clitools import sigkill
 from visearch.errors import StoreError
 from visearch.models.base import Features
 from visearch.store import MANIFEST, Store, StoreWriter
@@ -64,13 +64,6 @@ def _start_writer(path: Path, rows: int, n_shards: int) -> subprocess.Popen:
     return p
 
 
-def _kill(p: subprocess.Popen) -> None:
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    p.stdout.close()
-    p.stderr.close()
-
-
 def _assert_exact(path: Path, rows: int) -> Store:
     """The store opens (size and row checks of every shard) and every row is what the writer appended."""
     s = Store.open(path)
@@ -97,7 +90,7 @@ def test_sigkill_at_random_moments_never_leaves_a_torn_store(tmp_path):
     for _ in range(6):
         p = _start_writer(path, rows, n_shards=10_000)
         time.sleep(rng.uniform(0.0, 0.4))
-        _kill(p)
+        sigkill(p)
         saw_leftover |= bool(_leftovers(path))
         s = _assert_exact(path, rows)  # leftovers (temp or unlisted shard files) are never read
         sizes.append(len(s.shards))
@@ -118,7 +111,7 @@ def _kill_when(path: Path, seen, rows: int, tries: int = 8) -> bool:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and not seen(path):
             time.sleep(0.0005)
-        _kill(p)
+        sigkill(p)
         if seen(path):
             return True
     return False
@@ -312,7 +305,7 @@ def test_reader_racing_a_killed_and_restarted_writer_sees_only_complete_states(t
                 break
     finally:
         if p.poll() is None:
-            _kill(p)
+            sigkill(p)
     assert len(states) >= 3, f"the reader saw too few states to test anything: {sorted(states)}"
 
 

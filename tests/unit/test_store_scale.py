@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import numpy as np
 import pytest
 
 import visearch.store
+from tests.clitools import sigkill
 from visearch.errors import StoreError
 from visearch.idkeys import keys_for
 from visearch.models.base import Features
@@ -271,13 +271,6 @@ def _start(path: Path, rows: int) -> subprocess.Popen:
     return p
 
 
-def _kill(p: subprocess.Popen) -> None:
-    os.kill(p.pid, signal.SIGKILL)
-    p.wait()
-    p.stdout.close()
-    p.stderr.close()
-
-
 def _leftovers(path: Path) -> list[str]:
     m = _manifest(path)
     listed = {x["file"] for x in m["shards"]} | {x["dead"]["file"] for x in m["shards"] if x["dead"]}
@@ -294,7 +287,7 @@ def test_sigkill_during_tombstones_leaves_the_old_or_the_new_dead_set(tmp_path):
     for _ in range(6):
         p = _start(path, rows)
         time.sleep(rng.uniform(0.0, 0.3))
-        _kill(p)
+        sigkill(p)
         leftovers += bool(_leftovers(path))
         with Store.open(path) as s:
             done.append(_batches_done(s, rows))
@@ -318,7 +311,7 @@ def test_a_reader_racing_tombstones_sees_only_complete_states(tmp_path):
                 seen.add(_batches_done(s, rows))
     finally:
         if p.poll() is None:
-            _kill(p)
+            sigkill(p)
     assert len(seen) >= 3, f"the reader saw too few states to test anything: {sorted(seen)}"
 
 

@@ -102,7 +102,7 @@ class SpatialReranker(Reranker):
         # non-negative, so real similarities are >= 0 and padding rows (PAD) score < 0: never a nearest neighbour.
         sim = torch.mm(q, d.T).view(nq, B, K)
         s1, nn1 = sim.max(dim=2)  # [nq, B]: each query keypoint's nearest database keypoint per image
-        ok = s1 >= 0.0
+        ok = (s1 >= 0.0) & (q.abs().sum(dim=1) > 0)[:, None]  # an all-zero query row ties with padding: no match
         if self.mutual:  # the query keypoint is its nearest neighbour's nearest too (value-only reductions are fast)
             best_back = sim.amax(dim=0)  # [B, K]
             ok &= best_back.gather(1, nn1.T).T == s1
