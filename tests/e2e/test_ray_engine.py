@@ -241,3 +241,38 @@ def test_without_ray_one_line_and_other_engines_flags_refused(tmp_path):
                 ["--engine", "ray", "--device", "cuda"]):
         p = cli("extract", "demo", *bad, data=tmp_path / "data", check=False)
         assert p.returncode == 2 and p.stderr.startswith("error: ") and len(p.stderr.splitlines()) == 1, (bad, p)
+
+
+def test_unreachable_cluster_and_missing_gpus_are_one_line_errors(ray_address, tmp_path):
+    """Ray itself would wait without end for both (an address nobody listens on, GPUs the cluster lacks); a refusal
+    found before the run (unreachable address, no GPU on this machine) leaves even a --rebuild store untouched."""
+    import socket
+
+    import torch
+
+    write_photos(tmp_path / "photos", PHOTO_NAMES[:3])
+    data = tmp_path / "data"
+    cli("-q", "convert", tmp_path / "photos", "--name", "demo", data=data)
+    cli("-q", "extract", "demo", "--model", "lite", data=data)
+    store = data / "demo" / "features" / "lite"
+    before = _snapshot(store)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = cli("extract", "demo", "--engine", "ray", "--address", f"127.0.0.1:{port}", "--rebuild", data=data,
+            check=False, timeout=60)
+    assert p.returncode == 1 and p.stdout == "" and len(p.stderr.splitlines()) == 1, p
+    assert p.stderr.startswith(f"error: cannot reach the Ray cluster at 127.0.0.1:{port}")
+    assert _snapshot(store) == before
+    if not torch.cuda.is_available():
+        p = cli("extract", "demo", "--engine", "ray", "--num-gpus", "1", "--rebuild", data=data, check=False,
+                timeout=60)
+        assert p.returncode == 1 and len(p.stderr.splitlines()) == 1 and "than this machine has (0)" in p.stderr, p
+        assert _snapshot(store) == before
+    # the cluster's own resources: the test's Ray instance has no GPU (new images, so there is work to place)
+    write_photos(tmp_path / "photos", PHOTO_NAMES[3:4])
+    cli("-q", "convert", tmp_path / "photos", "--name", "demo", data=data)
+    p = cli("extract", "demo", "--engine", "ray", "--address", ray_address, "--num-gpus", "1", data=data,
+            check=False, timeout=120)
+    assert p.returncode == 1 and "than the Ray cluster has (0)" in p.stderr, p
+    assert _snapshot(store) == before  # nothing was committed

@@ -109,7 +109,15 @@ class RayEngine:
     threads: int | None = None
 
     def __post_init__(self) -> None:
-        import_ray()  # fail now, before a model is loaded or a store is opened
+        import_ray()  # fail now, before a model is loaded or a store is opened (or removed, with --rebuild)
+        if self.address is not None:
+            _check_reachable(self.address)
+        elif self.num_gpus > 0:  # a local instance has this machine's GPUs
+            import torch
+
+            if torch.cuda.device_count() < self.num_gpus:
+                raise EngineError(f"--num-gpus {self.num_gpus:g} asks for more GPUs per actor than this machine has "
+                                  f"({torch.cuda.device_count()})", "drop --num-gpus to describe on CPUs")
         if self.num_workers is not None and self.num_workers < 1:
             raise UsageError("--num-workers must be at least 1")
         if self.num_gpus < 0:
@@ -167,6 +175,10 @@ class RayEngine:
             ref = ray.put(describer)
         paths = [[str(ds.image_path(i)) for i in b] for b in batches]
         rows = [{"k": k, "paths": [str(Path(p).absolute()) for p in ps]} for k, ps in enumerate(paths)]
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if self.num_gpus > gpus:  # Ray would wait for them forever
+            raise EngineError(f"--num-gpus {self.num_gpus:g} asks for more GPUs per actor than the Ray cluster has "
+                              f"({gpus:g})", "run on nodes with GPUs, or drop --num-gpus to describe on CPUs")
         size = self.num_workers or _default_workers(ray, self.num_gpus)
         rds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * size))
         # max_restarts=0: a lost actor stops the run (what is committed stays, a rerun resumes) rather than restart
@@ -250,3 +262,18 @@ def _connect(ray, address: str | None) -> bool:
         raise EngineError(f"cannot start or reach {where}: {first_line(e)}",
                           "check --address (ray status on the head node shows it)") from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """A "host:port" (or "ray://host:port") that does not accept TCP connections is an EngineError now: ray.init
+    would retry it without end. "auto" and other forms are left to Ray."""
+    import socket
+
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise EngineError(f"cannot reach the Ray cluster at {address}: {e.strerror or e}",
+                          "check --address (ray status on the head node shows it)") from None
