@@ -4,9 +4,10 @@
     python benchmarks/bench_spatial.py --data-dir /tmp/photos/data --dataset photos
     python benchmarks/bench_spatial.py --synthetic /tmp/sv --set model=homography --set ratio=0.8
 
-Prints mAP Easy/Medium/Hard for `lite` (global), `lite-sv` (global top-100 + spatial reranking) and `sift-only`
-(RootSIFT + USAC inlier count against every database image, no global stage), the rerank cost per query and per pair
-(median over queries; 2 threads unless OMP_NUM_THREADS says otherwise) and the bytes per image of the lite-sv store.
+Prints mAP Easy/Medium/Hard for `lite` (global), `lite-sv` (global shortlist + spatial reranking: 100 candidates for
+a full-size crop, more for crops with fewer keypoints) and `sift-only` (RootSIFT + USAC inlier count against every
+database image, no global stage), the rerank cost per query crop, for full-size crops and per pair (medians; 2
+threads unless OMP_NUM_THREADS says otherwise) and the bytes per image of the lite-sv store.
 `--set KEY=VALUE` overrides a [rerank] setting of lite-sv (no re-extraction needed).
 """
 from __future__ import annotations
