@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -26,15 +25,10 @@ sys.path.insert(0, str(ROOT))
 
 
 def _machine() -> str:
-    name = platform.processor() or "?"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at start"
+    from visearch.bench import machine_info
+
+    m = machine_info()
+    return f"{m['cpu']}, {m['cores_logical']} CPUs, load average {os.getloadavg()[0]:.2f} at start"
 
 
 def _snapshot(path: Path) -> tuple[list[str], bytes]:

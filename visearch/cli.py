@@ -146,7 +146,7 @@ def extract(
 
     if engine == "ray":
         if workers is not None:
-            raise UsageError("--workers applies to --engine local", "Ray decodes in its own tasks")
+            raise UsageError("--workers applies to --engine local", "with --engine ray each actor decodes its own batches")
         eng = load_engine("ray", address=address, num_workers=num_workers, num_gpus=num_gpus, device=device)
         device = "cpu"  # here the model only supplies the store's identity: the actors describe, on eng's device
     else:

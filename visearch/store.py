@@ -153,20 +153,13 @@ def remove_store(path: str | Path) -> None:
         _release_lock(lock)
 
 
-def _as_bytes(values: np.ndarray) -> np.ndarray:
-    """A string column as numpy 'S' (utf-8 bytes): schema-2 shards store it so; schema-1 variable-length strings
-    come back from h5py as an object array, converted here."""
-    if values.dtype.kind == "S":
+def _as_bytes(values: Any) -> np.ndarray:
+    """Strings (str or bytes; a numpy 'S' array is returned as it is) as numpy 'S' of their utf-8 bytes: how
+    schema-2 shards store ids; schema-1 variable-length strings come back from h5py as an object array."""
+    if isinstance(values, np.ndarray) and values.dtype.kind == "S":
         return values
-    items = [x if isinstance(x, bytes) else str(x).encode() for x in values.tolist()]
-    return np.array(items, dtype=bytes) if items else np.empty(0, "S1")
-
-
-def _encode(ids: Any) -> np.ndarray:
-    """Ids (str, or a numpy 'S' array already) -> numpy 'S' of their utf-8 bytes."""
-    if isinstance(ids, np.ndarray) and ids.dtype.kind == "S":
-        return ids
-    items = [x.encode() if isinstance(x, str) else bytes(x) for x in ids]
+    items = [x if isinstance(x, bytes) else str(x).encode() for x in (values.tolist() if isinstance(values, np.ndarray)
+                                                                     else values)]
     return np.array(items, dtype=bytes) if items else np.empty(0, "S1")
 
 
@@ -624,17 +617,15 @@ class Store:
         if rows is None:
             return _decode(self.ids)
         rows = np.asarray(rows, np.int64).reshape(-1)
-        if self._ids is not None or len(rows) > 1024:
-            if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
-                raise StoreError(f"row index out of range for store {self.path}")
-            return _decode(self.ids[rows])
-        return _decode(self._gather(rows, "ids"))
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise StoreError(f"row index out of range for store {self.path}")
+        return _decode(self._ids_at(rows))
 
     def rows_of(self, ids: Any) -> np.ndarray:
         """The live row of each id (str, or utf-8 bytes as numpy 'S'), -1 where it has none: a binary search in the
         sorted stored keys of the live rows (built once per Store, 16 B a live row), each hit confirmed by comparing
         the stored id, so a key collision can never return another image's row."""
-        q = _encode(ids)
+        q = _as_bytes(ids)
         out = np.full(len(q), -1, np.int64)
         keys, rows = self._id_table()
         if not len(q) or not len(keys):
@@ -667,6 +658,7 @@ class Store:
         return self._table
 
     def _ids_at(self, rows: np.ndarray) -> np.ndarray:
+        """The ids of `rows` as 'S': from the loaded array, else read for these rows only (a few rows of a big store)."""
         return self.ids[rows] if self._ids is not None or len(rows) > 1024 else self._gather(rows, "ids")
 
     @property
@@ -825,7 +817,7 @@ class StoreWriter:
             local[k] = np.asarray((features.local or {})[k], dtype=spec.dtype)
             if local[k].shape != (len(ids),) + spec.shape:
                 raise StoreError(f"local field {k!r} has shape {local[k].shape}, expected {(len(ids),) + spec.shape}")
-        ids_b, fps_b = _encode(ids), _encode(fingerprints)
+        ids_b, fps_b = _as_bytes(ids), _as_bytes(fingerprints)
         shard = self._write_shard(self._next_name(), ids_b, fps_b, keys_for(ids_b), keys_for(fps_b),
                                   g.astype(st.dtype), local)
         self._publish(st.shards + [shard])
@@ -937,7 +929,7 @@ class StoreWriter:
                 local = {k: cat[f"local/{k}"] for k in st.local_fields}
                 new.append(self._write_shard(self._next_name(extra=before + new), cat["ids"], cat["fingerprints"],
                                              cat["keys"], cat["fp_keys"], cat["global"], local))
-            bufs, n = {k: [] for k in keys}, 0
+            n = 0
 
         for s in run:
             keep = np.setdiff1d(np.arange(s.rows), s.dead)

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 
 from visearch.errors import SearchIndexError, UsageError
+from visearch.idkeys import keys_for
 from visearch.index import (
     ExactIndex,
     Index,
     build_index,
     choose_factory,
-    keys_for,
     open_index,
     parse_bytes,
     rescore,

@@ -156,5 +156,6 @@ def test_any_model_uses_spatial_through_its_config():
     rr = load_reranker(m.config, device="cpu")
     # the matching budget: 20 candidates at the full 50 keypoints, deeper for smaller crops, at most max_shortlist
     assert (rr.depth(50), rr.depth(10), rr.depth(1), rr.shortlist_size) == (20, 100, 300, 300)
+    assert rr.depth(0) == 0  # a crop without keypoints keeps its global order: nothing is read
     with pytest.raises(UsageError, match="without RootSIFT"):
         load_reranker({"name": "superglobal-r50", "rerank": {"name": "spatial"}}, device="cpu")

@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SearchIndexError
-from .base import Index, choose_factory, keys_for, parse_bytes, store_state
+from .base import Index, choose_factory, parse_bytes, store_state
 from .exact import ExactIndex
 
 __all__ = ["Index", "ExactIndex", "IndexReport", "build_index", "open_index", "update_index", "rescore",
-           "index_folder", "choose_factory", "keys_for", "parse_bytes", "store_state"]
+           "index_folder", "choose_factory", "parse_bytes", "store_state"]
 
 
 def index_folder(store) -> Path:

@@ -4,8 +4,8 @@ rule.
 An index answers `search(queries, k) -> (rows, scores)` over a store's live rows; `rows` are store rows (-1 pads a
 query with fewer than k results) and `scores` its own (possibly approximate) similarities: callers rescore the
 shortlist exactly from the stored descriptors (visearch.index.rescore), so an approximate index only costs recall.
-Vectors are added and removed by *key*, a stable int64 per image id (`keys_for`), because store rows are renumbered
-by compaction while ids are not.
+Vectors are added and removed by *key*, a stable int64 per image id (`visearch.idkeys.keys_for`), because store
+rows are renumbered by compaction while ids are not.
 """
 from __future__ import annotations
 
@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import numpy as np
-
-from ..idkeys import keys_for  # noqa: F401  (re-exported: the one id -> key helper)
 
 
 @runtime_checkable

@@ -182,7 +182,8 @@ class ModelSpec:
         from ..registry import build_model
 
         describer = build_model(copy.deepcopy(self.config), self.weights, self.weights_dir, self.device)
-        describer.batch_size = self.batch_size
+        if self.batch_size is not None:
+            describer.batch_size = self.batch_size
         return describer
 
 

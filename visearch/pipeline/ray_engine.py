@@ -175,11 +175,12 @@ class RayEngine:
             ref = ray.put(describer)
         paths = [[str(ds.image_path(i)) for i in b] for b in batches]
         rows = [{"k": k, "paths": [str(Path(p).absolute()) for p in ps]} for k, ps in enumerate(paths)]
-        gpus = ray.cluster_resources().get("GPU", 0)
+        resources = ray.cluster_resources()
+        gpus = resources.get("GPU", 0)
         if self.num_gpus > gpus:  # Ray would wait for them forever
             raise EngineError(f"--num-gpus {self.num_gpus:g} asks for more GPUs per actor than the Ray cluster has "
                               f"({gpus:g})", "run on nodes with GPUs, or drop --num-gpus to describe on CPUs")
-        size = self.num_workers or _default_workers(ray, self.num_gpus)
+        size = self.num_workers or _default_workers(resources, self.num_gpus)
         rds = ray.data.from_items(rows, override_num_blocks=min(len(rows), 4 * size))
         # max_restarts=0: a lost actor stops the run (what is committed stays, a rerun resumes) rather than restart
         # from constructor arguments that Ray Data keeps in the object store (which it warns about on every run);
@@ -231,8 +232,7 @@ def _same_path(msg: str, absolute: str, given: str) -> str:
     return msg.replace(absolute, given) if absolute != given else msg
 
 
-def _default_workers(ray, num_gpus: float) -> int:
-    res = ray.cluster_resources()
+def _default_workers(res: dict[str, float], num_gpus: float) -> int:
     if num_gpus > 0:
         return max(1, int(res.get("GPU", 0) // num_gpus))
     return max(1, int(res.get("CPU", 1)))

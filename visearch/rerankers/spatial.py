@@ -182,7 +182,9 @@ class SpatialReranker(Reranker):
         """Candidates verified for a query crop with `n_keypoints` keypoints (the matching budget, module doc)."""
         if n_keypoints >= self.keypoints:
             return self.shortlist
-        return min(self.max_shortlist, self.shortlist * self.keypoints // max(1, n_keypoints))
+        if n_keypoints == 0:  # nothing to match: the global order stands
+            return 0
+        return min(self.max_shortlist, self.shortlist * self.keypoints // n_keypoints)
 
     # ---- reranking --------------------------------------------------------------------------------------------------
     def rerank(self, query_global: np.ndarray, query_local: dict[str, np.ndarray] | None,
